@@ -60,14 +60,14 @@ class Client:
     def closed(self) -> bool:
         return self._closed is not None
 
-    async def call(  # noqa: ASYNC109 - a per-call timeout is part of the ttrpc API
+    async def call(
         self,
         service: str,
         method: str,
         request: Message,
         response_type: type[T],
         *,
-        timeout: float | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - part of the ttrpc call API
         metadata: Iterable[tuple[str, str]] = (),
     ) -> T:
         """Make one unary call.
