@@ -128,6 +128,11 @@ class Connection:
 
     # -- receiving -------------------------------------------------------
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a frame not yet complete."""
+        return len(self._buf)
+
     def receive_data(self, data: bytes | bytearray) -> None:
         if self._eof and data:
             raise LocalProtocolError("data received after EOF")

@@ -108,11 +108,14 @@ class Server:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Accept connections until cancelled; each is served in its own task."""
+        """Accept connections until cancelled or the listener closes; one task each."""
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
-                stream = await listener.accept()
+                try:
+                    stream = await listener.accept()
+                except trio.ClosedResourceError:
+                    return  # the listener was closed: stop accepting, finish the rest
                 nursery.start_soon(self._serve_accepted, stream)
 
     async def _serve_accepted(self, stream: trio.SocketStream) -> None:
