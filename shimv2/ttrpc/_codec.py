@@ -90,12 +90,12 @@ class ConnectionClosed:
     """The peer closed its side cleanly, between frames."""
 
 
-class _NeedData:
+class NeedData:
     def __repr__(self) -> str:
         return "NEED_DATA"
 
 
-NEED_DATA = _NeedData()
+NEED_DATA = NeedData()
 
 Event = RequestReceived | ResponseReceived | DataReceived | StreamError | ConnectionClosed
 
@@ -145,7 +145,7 @@ class Connection:
             data = data[skipped:]
         self._buf += data
 
-    def next_event(self) -> Event | _NeedData:
+    def next_event(self) -> Event | NeedData:
         if self._broken is not None:
             raise self._broken
         try:
@@ -154,13 +154,13 @@ class Connection:
             self._broken = exc
             raise
 
-    def _next_event(self) -> Event | _NeedData:
+    def _next_event(self) -> Event | NeedData:
         while True:
             event = self._next_frame()
             if event is not None:
                 return event
 
-    def _next_frame(self) -> Event | _NeedData | None:
+    def _next_frame(self) -> Event | NeedData | None:
         """The next event, or None for a frame that is dropped."""
         if self._discard or len(self._buf) < HEADER_LENGTH:
             return self._at_eof_or_need()
@@ -182,7 +182,7 @@ class Connection:
         del self._buf[: HEADER_LENGTH + length]
         return self._decode(stream_id, mtype, flags, payload)
 
-    def _at_eof_or_need(self) -> ConnectionClosed | _NeedData:
+    def _at_eof_or_need(self) -> ConnectionClosed | NeedData:
         if not self._eof:
             return NEED_DATA
         if self._buf or self._discard:

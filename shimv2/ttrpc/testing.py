@@ -21,8 +21,8 @@ class InteropHandlers:
     """Echo, Fail, Sleep, Metadata and Blob, as the Go peer implements them."""
 
     def __init__(self) -> None:
-        # Sleeps that were cancelled by their deadline; tests read it.
-        self.cancelled_sleeps = 0
+        # Set once a Sleep was cancelled (by its deadline); tests wait on it.
+        self.sleep_cancelled = trio.Event()
 
     async def echo(self, ctx: CallContext, req: BytesValue) -> BytesValue:
         return BytesValue(value=req.value)
@@ -35,7 +35,7 @@ class InteropHandlers:
         try:
             await trio.sleep(req.value / 1000)
         except trio.Cancelled:
-            self.cancelled_sleeps += 1
+            self.sleep_cancelled.set()
             raise
         if ctx.deadline is not None and trio.current_time() >= ctx.deadline:
             raise DeadlineExceeded("deadline exceeded")

@@ -22,6 +22,7 @@ from shimv2.ttrpc._codec import (
     Flags,
     LocalProtocolError,
     MessageType,
+    NeedData,
     ProtocolError,
     RemoteProtocolError,
     RequestReceived,
@@ -38,8 +39,7 @@ def frame(stream_id: int, mtype: int, payload: bytes, flags: int = 0) -> bytes:
 
 def drain(conn: Connection) -> list[Event]:
     events: list[Event] = []
-    while (event := conn.next_event()) is not NEED_DATA:
-        assert not isinstance(event, type(NEED_DATA))
+    while not isinstance(event := conn.next_event(), NeedData):
         events.append(event)
         if isinstance(event, ConnectionClosed):
             break
@@ -269,8 +269,11 @@ def test_any_split_of_the_stream_decodes_the_same(
         events += drain(server)
         if pos >= len(wire):
             break
-    got = [(e.request.service, e.request.method, e.request.payload) for e in events
-           if isinstance(e, RequestReceived)]
+    got = [
+        (e.request.service, e.request.method, e.request.payload)
+        for e in events
+        if isinstance(e, RequestReceived)
+    ]
     assert got == calls
 
 
