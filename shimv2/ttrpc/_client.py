@@ -29,12 +29,12 @@ from shimv2.ttrpc._codec import (
     StreamError,
 )
 from shimv2.ttrpc._status import error_from_status
+from shimv2.ttrpc._transport import Transport, transport_for
 from shimv2.ttrpc._unix import open_unix_stream
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T", bound=Message)
-RECEIVE_CHUNK = 256 * 1024
 
 
 class _Pending:
@@ -49,10 +49,9 @@ class _Pending:
 class Client:
     """Use through ``open_client`` or ``open_unix_client``, which run the reader."""
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self._stream = stream
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
         self._codec = Connection(Role.CLIENT)
-        self._send_lock = trio.Lock()
         self._pending: dict[int, _Pending] = {}
         self._closed: Error | None = None
 
@@ -114,24 +113,23 @@ class Client:
         metadata: Iterable[tuple[str, str]],
         pending: _Pending,
     ) -> int:
-        # Stream ids must reach the server in increasing order: allocate and
-        # write under one lock.
-        async with self._send_lock:
-            if self._closed is not None:
-                raise self._closed
-            stream_id, frame = self._codec.send_request(
-                service, method, payload, timeout_nano=timeout_nano, metadata=metadata
-            )
-            self._pending[stream_id] = pending
-            try:
-                await self._stream.send_all(frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                self._fail_all(f"send failed: {exc}")
-                raise Unavailable(f"ttrpc: closed: {exc}") from exc
-            except trio.Cancelled:
-                # A frame cut in half leaves the stream unusable.
-                self._fail_all("a send was cancelled mid-frame")
-                raise
+        if self._closed is not None:
+            raise self._closed
+        # Stream ids must reach the server in increasing order: allocating and
+        # queueing the frame happen with no await in between.
+        stream_id, frame = self._codec.send_request(
+            service, method, payload, timeout_nano=timeout_nano, metadata=metadata
+        )
+        self._pending[stream_id] = pending
+        try:
+            self._transport.send_nowait(frame)
+            await self._transport.drain()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._fail_all(f"send failed: {exc}")
+            raise Unavailable(f"ttrpc: closed: {exc}") from exc
+        except BaseException:
+            self._pending.pop(stream_id, None)
+            raise
         return stream_id
 
     async def receive_loop(self) -> None:
@@ -141,7 +139,7 @@ class Client:
             while True:
                 event = self._codec.next_event()
                 if event is NEED_DATA:
-                    self._codec.receive_data(await self._stream.receive_some(RECEIVE_CHUNK))
+                    self._codec.receive_data(await self._transport.receive_some())
                 elif isinstance(event, ResponseReceived):
                     self._resolve(event.stream_id, response=event.response)
                 elif isinstance(event, StreamError):
@@ -177,12 +175,12 @@ class Client:
 
     async def aclose(self) -> None:
         self._fail_all("client closed")
-        await self._stream.aclose()
+        await self._transport.aclose()
 
 
 @asynccontextmanager
 async def open_client(stream: trio.abc.Stream) -> AsyncIterator[Client]:
-    client = Client(stream)
+    client = Client(transport_for(stream))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.receive_loop)
         try:
