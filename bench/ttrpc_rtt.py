@@ -12,6 +12,7 @@ callers (calls/s), and print the ratios py/go. Needs build/bin/ttrpc-interop
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import subprocess
@@ -75,9 +76,23 @@ async def py_client(path: str, n: int, size: int, warmup: int) -> dict[str, floa
 
 def go_client(path: str, n: int, size: int, warmup: int) -> dict[str, float]:
     out = subprocess.run(
-        [str(GO_BIN), "bench", "-socket", path, "-n", str(n), "-size", str(size),
-         "-warmup", str(warmup), "-concurrency", str(CONCURRENCY)],
-        check=True, capture_output=True, text=True,
+        [
+            str(GO_BIN),
+            "bench",
+            "-socket",
+            path,
+            "-n",
+            str(n),
+            "-size",
+            str(size),
+            "-warmup",
+            str(warmup),
+            "-concurrency",
+            str(CONCURRENCY),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
     return result
@@ -125,10 +140,8 @@ def main() -> int:
     parser.add_argument("--serve", metavar="PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        try:
+        with contextlib.suppress(KeyboardInterrupt):
             trio.run(_serve_forever, args.serve)
-        except KeyboardInterrupt:
-            pass
         return 0
     if not GO_BIN.exists():
         raise SystemExit(f"{GO_BIN} missing: run scripts/build-go-tools")
@@ -152,16 +165,22 @@ def main() -> int:
         "conc_calls_per_s": go["conc_calls_per_s"] / py["conc_calls_per_s"],
     }
     if args.json:
-        print(json.dumps({"n": args.n, "size": args.size, "medians": medians, "py_over_go": ratios}))
+        print(
+            json.dumps({"n": args.n, "size": args.size, "medians": medians, "py_over_go": ratios})
+        )
         return 0
     print(f"ttrpc unary Echo, {args.size} B payload, n={args.n}, medians of {args.rounds} rounds")
     print(f"{'client->server':16} {'p50 us':>9} {'p99 us':>9} {'seq/s':>9} {'conc/s':>9}")
     for name, m in medians.items():
-        print(f"{name:16} {m['p50_us']:9.1f} {m['p99_us']:9.1f} "
-              f"{m['seq_calls_per_s']:9.0f} {m['conc_calls_per_s']:9.0f}")
-    print(f"py/go ratio: p50 {ratios['p50']:.2f}x, p99 {ratios['p99']:.2f}x, "
-          f"sequential throughput {ratios['seq_calls_per_s']:.2f}x slower, "
-          f"concurrent throughput {ratios['conc_calls_per_s']:.2f}x slower")
+        print(
+            f"{name:16} {m['p50_us']:9.1f} {m['p99_us']:9.1f} "
+            f"{m['seq_calls_per_s']:9.0f} {m['conc_calls_per_s']:9.0f}"
+        )
+    print(
+        f"py/go ratio: p50 {ratios['p50']:.2f}x, p99 {ratios['p99']:.2f}x, "
+        f"sequential throughput {ratios['seq_calls_per_s']:.2f}x slower, "
+        f"concurrent throughput {ratios['conc_calls_per_s']:.2f}x slower"
+    )
     return 0
 
 

@@ -1,0 +1,1 @@
+"""The generic containerd shim runtime: bootstrap, socket, events, shutdown."""
