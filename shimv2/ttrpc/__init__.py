@@ -15,6 +15,9 @@ from shimv2.ttrpc._server import Service as Service
 from shimv2.ttrpc._server import same_user as same_user
 from shimv2.ttrpc._status import error_from_status as error_from_status
 from shimv2.ttrpc._status import status_from_exception as status_from_exception
+from shimv2.ttrpc._transport import FdTransport as FdTransport
+from shimv2.ttrpc._transport import SocketTransport as SocketTransport
+from shimv2.ttrpc._transport import Transport as Transport
 from shimv2.ttrpc._unix import PeerCredentials as PeerCredentials
 from shimv2.ttrpc._unix import open_unix_listener as open_unix_listener
 from shimv2.ttrpc._unix import open_unix_stream as open_unix_stream

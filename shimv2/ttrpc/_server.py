@@ -130,7 +130,12 @@ class Server:
         self, stream: trio.abc.Stream, peer: PeerCredentials | None = None
     ) -> None:
         """Serve one connection until the peer closes it or breaks the protocol."""
-        transport = transport_for(stream)
+        await self.serve_transport(transport_for(stream), peer)
+
+    async def serve_transport(
+        self, transport: Transport, peer: PeerCredentials | None = None
+    ) -> None:
+        """Serve one connection over ``transport`` (closed when done)."""
         try:
             await _ServerConnection(self, transport, peer).run()
         finally:

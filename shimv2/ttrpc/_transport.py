@@ -12,6 +12,7 @@ frames of concurrent callers never interleave; ``drain`` waits for room.
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Protocol
 
@@ -105,6 +106,65 @@ class SocketTransport:
             self._closed = True
             trio.lowlevel.notify_closing(self._sock)
             self._sock.close()
+        await trio.lowlevel.checkpoint()
+
+
+class FdTransport:
+    """A character device such as a virtio-serial port (``/dev/vport0p1``).
+
+    The fd is set nonblocking and owned: ``aclose`` closes it. A read of 0
+    bytes is EOF (virtio-serial: the host side closed its socket).
+    """
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._out = bytearray()
+        self._drain_lock = trio.Lock()
+        self._closed = False
+
+    async def receive_some(self) -> bytes:
+        while True:
+            if self._closed:
+                raise trio.ClosedResourceError("transport closed")
+            try:
+                return os.read(self._fd, RECEIVE_CHUNK)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._fd)
+            except OSError as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+
+    def send_nowait(self, data: bytes) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("transport closed")
+        if not self._out:
+            sent = self._try_write(data)
+            if sent == len(data):
+                return
+            data = data[sent:]
+        self._out += data
+
+    def _try_write(self, data: bytes | bytearray) -> int:
+        try:
+            return os.write(self._fd, data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+
+    async def drain(self) -> None:
+        if not self._out:
+            return
+        async with self._drain_lock:
+            while self._out:
+                await trio.lowlevel.wait_writable(self._fd)
+                del self._out[: self._try_write(self._out)]
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            trio.lowlevel.notify_closing(self._fd)
+            os.close(self._fd)
         await trio.lowlevel.checkpoint()
 
 
