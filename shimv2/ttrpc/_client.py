@@ -66,7 +66,7 @@ class Client:
         request: Message,
         response_type: type[T],
         *,
-        timeout: float | None = None,  # noqa: ASYNC109 - part of the ttrpc call API
+        timeout: float | None = None,
         metadata: Iterable[tuple[str, str]] = (),
     ) -> T:
         """Make one unary call.

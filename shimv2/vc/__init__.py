@@ -1,0 +1,1 @@
+"""virtcontainers: sandboxes that own one long-lived VM each, and their containers."""

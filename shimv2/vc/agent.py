@@ -1,0 +1,109 @@
+"""The agent seam: a ttrpc client of the guest agent (Kata's agent API).
+
+A handful of methods, not one per rpc: ``call`` takes the rpc name and its
+request, so the sandbox code names rpcs exactly as Kata's protocol does.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import trio
+from google.protobuf.message import Message
+
+from shimv2.errdefs import DeadlineExceeded, Unavailable
+from shimv2.pb.kata import health_pb2
+from shimv2.ttrpc import Client, open_client, open_unix_stream
+from shimv2.vc.hypervisor import AgentEndpoint
+
+AGENT_SERVICE = "grpc.AgentService"
+HEALTH_SERVICE = "grpc.Health"
+DEFAULT_TIMEOUT = 60.0
+# Kata gives these no deadline: they block until something happens in the guest.
+UNBOUNDED = frozenset({"WaitProcess", "GetOOMEvent", "ReadStdout", "ReadStderr"})
+
+T = TypeVar("T", bound=Message)
+
+
+class AgentClient:
+    def __init__(self, client: Client, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._client = client
+        self._timeout = timeout
+
+    async def call(self, rpc: str, request: Message, response_type: type[T]) -> T:
+        """Call ``grpc.AgentService/<rpc>``; errors come back as errdefs classes."""
+        timeout = None if rpc in UNBOUNDED else self._timeout
+        return await self._client.call(AGENT_SERVICE, rpc, request, response_type, timeout=timeout)
+
+    async def check(self, timeout: float) -> bool:
+        response = await self._client.call(
+            HEALTH_SERVICE,
+            "Check",
+            health_pb2.CheckRequest(),
+            health_pb2.HealthCheckResponse,
+            timeout=timeout,
+        )
+        return response.status == health_pb2.HealthCheckResponse.SERVING
+
+    @property
+    def closed(self) -> bool:
+        return self._client.closed
+
+
+async def _open_stream(endpoint: AgentEndpoint) -> trio.SocketStream:
+    if endpoint.unix_path is not None:
+        return await open_unix_stream(endpoint.unix_path)
+    if endpoint.vsock_cid is None:
+        raise Unavailable("agent endpoint has neither a unix path nor a vsock cid")
+    sock = trio.socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    try:
+        await sock.connect((endpoint.vsock_cid, endpoint.vsock_port))
+    except BaseException:
+        sock.close()
+        raise
+    return trio.SocketStream(sock)
+
+
+@asynccontextmanager
+async def connect_agent(
+    endpoint: AgentEndpoint, *, ready_timeout: float = 60.0, timeout: float = DEFAULT_TIMEOUT
+) -> AsyncIterator[AgentClient]:
+    """Connect and wait until the agent answers a health check.
+
+    virtio-serial keeps the host's bytes until the guest reads them, and the
+    guest speaks only after the host does, so the host asks again every half
+    second until the agent answers.
+    """
+    deadline = trio.current_time() + ready_timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            stream = await _open_stream(endpoint)
+        except OSError as exc:  # vsock: the guest is not listening yet
+            last_error = exc
+            if trio.current_time() > deadline:
+                raise Unavailable(f"agent not reachable at {endpoint}: {exc}") from exc
+            await trio.sleep(0.1)
+            continue
+        async with open_client(stream) as client:
+            agent = AgentClient(client, timeout=timeout)
+            while trio.current_time() < deadline:
+                try:
+                    if await agent.check(timeout=0.5):
+                        break
+                except DeadlineExceeded as exc:
+                    last_error = exc
+                except Unavailable as exc:
+                    last_error = exc
+                    break
+            else:
+                raise Unavailable(f"agent did not answer within {ready_timeout:g}s: {last_error}")
+            if not agent.closed:
+                yield agent
+                return
+        if trio.current_time() > deadline:
+            raise Unavailable(f"agent did not answer within {ready_timeout:g}s: {last_error}")
+        await trio.sleep(0.1)

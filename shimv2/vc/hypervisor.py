@@ -1,0 +1,41 @@
+"""The hypervisor seam: what the sandbox needs of a VM, and nothing more.
+
+Like nerdbox's ``vm.Instance``: configure, ``start``, reach the agent,
+``shutdown`` (safe after a failed start). One implementation per module
+(``qemu.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+
+@dataclass(frozen=True, slots=True)
+class AgentEndpoint:
+    """Where the guest agent listens: a unix socket (virtio-serial) or vsock."""
+
+    unix_path: str | None = None
+    vsock_cid: int | None = None
+    vsock_port: int = 1024
+
+
+class Hypervisor(Protocol):
+    @property
+    def pid(self) -> int | None: ...
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        """Launch the VM; ``nursery`` hosts the task that watches it die."""
+        ...
+
+    def agent_endpoint(self) -> AgentEndpoint: ...
+
+    async def wait_exited(self) -> int:
+        """Block until the VM process is gone; its exit status."""
+        ...
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the VM and its helpers and remove their sockets; idempotent."""
+        ...

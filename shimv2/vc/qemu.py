@@ -1,0 +1,267 @@
+"""QEMU: the Hypervisor implementation.
+
+microvm with the uncompressed kernel (PVH) boots fastest under TCG (see the
+VM recipe); q35 is there for what microvm lacks (PCI hotplug). The agent
+channel is a virtio-serial port backed by a unix socket on the host, or vsock
+where ``/dev/vhost-vsock`` exists.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from shimv2.errdefs import FailedPrecondition, InvalidArgument, Unavailable
+from shimv2.vc.accel import choose_accelerator
+from shimv2.vc.hypervisor import AgentEndpoint
+from shimv2.vc.procs import Child
+from shimv2.vc.qmp import Qmp
+from shimv2.vc.virtiofsd import VIRTIOFSD, start_virtiofsd
+
+log = logging.getLogger(__name__)
+
+AGENT_PORT_NAME = "agent.channel.0"
+SHARED_TAG = "kataShared"
+# Trimmed kernel command line measured in the VM recipe; tsc_early_khz keeps
+# microvm from hanging while it calibrates the TSC under TCG.
+FAST_PARAMS = (
+    "console=ttyS0", "quiet", "loglevel=0", "mitigations=off", "tsc=reliable",
+    "no_timer_check", "nokaslr", "cryptomgr.notests", "random.trust_cpu=on",
+    "8250.nr_uarts=1", "panic=-1",
+)  # fmt: skip
+ACCEL_CACHE = Path("/run/kata-py/accel.json")
+
+
+def default_guest_dir() -> Path:
+    env = os.environ.get("KATA_PY_GUEST_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "build" / "guest"
+
+
+def host_tsc_khz() -> int:
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/tsc_freq_khz").read_text())
+    except (OSError, ValueError):
+        pass
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu MHz"):
+                return int(float(line.split(":")[1]) * 1000)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 2_100_000
+
+
+@dataclass(frozen=True, slots=True)
+class QemuConfig:
+    kernel: str = field(default_factory=lambda: str(default_guest_dir() / "vmlinux"))
+    initrd: str = field(default_factory=lambda: str(default_guest_dir() / "initrd.img"))
+    binary: str = "qemu-system-x86_64"
+    machine: str = "microvm"
+    accelerator: str = "auto"
+    vcpus: int = 1
+    memory_mib: int = 512
+    kernel_params: tuple[str, ...] = ()
+    # Directory exported to the guest over virtio-fs; None = no virtio-fs.
+    shared_dir: str | None = None
+    virtiofsd: str = VIRTIOFSD
+    agent_channel: str = "auto"  # serial | vsock | auto (vsock where the host has it)
+
+    def validate(self) -> None:
+        if self.machine not in ("microvm", "q35"):
+            raise InvalidArgument(f"machine must be microvm or q35, not {self.machine!r}")
+        if self.agent_channel not in ("auto", "serial", "vsock"):
+            raise InvalidArgument(
+                f"agent channel must be auto, serial or vsock: {self.agent_channel!r}"
+            )
+        if not 1 <= self.vcpus <= 64 or not 128 <= self.memory_mib <= 262144:
+            raise InvalidArgument(f"bad VM size: {self.vcpus} vCPUs, {self.memory_mib} MiB")
+        for path in (self.kernel, self.initrd):
+            if not os.path.isfile(path):
+                raise FailedPrecondition(
+                    f"guest image file missing: {path} (run scripts/build-guest)"
+                )
+        if shutil.which(self.binary) is None:
+            raise FailedPrecondition(f"hypervisor binary not found: {self.binary}")
+
+
+class Qemu:
+    """One QEMU process (and its virtiofsd) for one sandbox."""
+
+    def __init__(self, vm_id: str, config: QemuConfig, run_dir: Path) -> None:
+        self.vm_id = vm_id
+        self.config = config
+        self.run_dir = run_dir
+        self.accelerator: str | None = None
+        self._qemu: Child | None = None
+        self._virtiofsd: Child | None = None
+        self._qmp: Qmp | None = None
+        self._vsock_cid: int | None = None
+        self._exited = trio.Event()
+        self._exit_status: int | None = None
+
+    # -- paths -------------------------------------------------------------
+
+    @property
+    def qmp_path(self) -> Path:
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def agent_path(self) -> Path:
+        return self.run_dir / "agent.sock"
+
+    @property
+    def virtiofs_path(self) -> Path:
+        return self.run_dir / "vfs.sock"
+
+    @property
+    def console_path(self) -> Path:
+        return self.run_dir / "console.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._qemu.pid if self._qemu is not None else None
+
+    @property
+    def qmp(self) -> Qmp:
+        if self._qmp is None:
+            raise Unavailable(f"vm {self.vm_id}: not running")
+        return self._qmp
+
+    def agent_endpoint(self) -> AgentEndpoint:
+        if self._vsock_cid is not None:
+            return AgentEndpoint(vsock_cid=self._vsock_cid)
+        return AgentEndpoint(unix_path=str(self.agent_path))
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        self.config.validate()
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self.accelerator, reason = await choose_accelerator(
+                self.config.accelerator, self.config.binary, self.config.kernel, ACCEL_CACHE
+            )
+            log.info("vm %s: accelerator %s (%s)", self.vm_id, self.accelerator, reason)
+            if self.config.shared_dir is not None:
+                self._virtiofsd = await start_virtiofsd(
+                    self.virtiofs_path,
+                    Path(self.config.shared_dir),
+                    self.run_dir / "virtiofsd.log",
+                    binary=self.config.virtiofsd,
+                )
+            if self.config.agent_channel == "vsock" or (
+                self.config.agent_channel == "auto" and os.path.exists("/dev/vhost-vsock")
+            ):
+                self._vsock_cid = random.randrange(3, 1 << 31)
+            with open(self.run_dir / "qemu.log", "ab") as qemu_log:
+                self._qemu = await Child.spawn("qemu", self.argv(), stderr=qemu_log.fileno())
+            nursery.start_soon(self._watch, self._qemu)
+            self._qmp = Qmp(self.vm_id)
+            await self._connect_qmp()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.shutdown()
+            raise
+
+    async def _connect_qmp(self) -> None:
+        with trio.move_on_after(10):
+            while not self._exited.is_set():
+                if self.qmp_path.exists():
+                    assert self._qmp is not None
+                    await self._qmp.connect(str(self.qmp_path))
+                    return
+                await trio.sleep(0.005)
+        raise Unavailable(f"vm {self.vm_id}: QEMU did not start: {self._log_tail()}")
+
+    async def _watch(self, qemu: Child) -> None:
+        status = await qemu.wait()
+        self._exit_status = status
+        self._exited.set()
+        log.info("vm %s: QEMU exited with %d", self.vm_id, status)
+        if self._virtiofsd is not None:
+            await self._virtiofsd.stop()
+
+    async def wait_exited(self) -> int:
+        await self._exited.wait()
+        assert self._exit_status is not None
+        return self._exit_status
+
+    @property
+    def exited(self) -> bool:
+        return self._exited.is_set()
+
+    async def shutdown(self, timeout: float = 5.0) -> None:
+        if self._qemu is not None and self._qemu.returncode is None and self._qmp is not None:
+            with trio.move_on_after(min(2.0, timeout)):
+                try:
+                    await self._qmp.execute("quit")
+                except Exception as exc:
+                    log.debug("vm %s: quit: %s", self.vm_id, exc)
+        if self._qmp is not None:
+            await self._qmp.aclose()
+            self._qmp = None
+        if self._qemu is not None:
+            await self._qemu.stop(grace=timeout)
+        if self._virtiofsd is not None:
+            await self._virtiofsd.stop()
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+
+    # -- command line ------------------------------------------------------
+
+    def kernel_cmdline(self) -> str:
+        channel = "vsock" if self._vsock_cid is not None else "serial"
+        params = [*FAST_PARAMS, f"tsc_early_khz={host_tsc_khz()}", f"kata_py.channel={channel}"]
+        return " ".join([*params, *self.config.kernel_params])
+
+    def argv(self) -> list[str]:
+        cfg = self.config
+        microvm = cfg.machine == "microvm"
+        accel = self.accelerator or "tcg"
+        machine = "microvm" if microvm else "q35"
+        argv = [
+            cfg.binary, "-name", f"kata-py-{self.vm_id}",
+            "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
+            "-smp", str(cfg.vcpus), "-m", f"{cfg.memory_mib}M",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-serial", f"file:{self.console_path}",
+            "-kernel", cfg.kernel, "-initrd", cfg.initrd, "-append", self.kernel_cmdline(),
+            "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
+        ]  # fmt: skip
+        if cfg.shared_dir is not None:
+            # vhost-user-fs needs guest RAM the virtiofsd process can map.
+            argv += [
+                "-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mib}M,share=on",
+                "-chardev", f"socket,id=vfs,path={self.virtiofs_path}",
+                "-device", f"{'vhost-user-fs-device' if microvm else 'vhost-user-fs-pci'},"
+                f"chardev=vfs,tag={SHARED_TAG}",
+            ]  # fmt: skip
+            machine += ",memory-backend=mem"
+        if microvm:
+            # libvhost-user refuses legacy virtio devices.
+            argv += ["-global", "virtio-mmio.force-legacy=false"]
+        argv += ["-M", machine]
+        if self._vsock_cid is not None:
+            dev = "vhost-vsock-device" if microvm else "vhost-vsock-pci"
+            argv += ["-device", f"{dev},guest-cid={self._vsock_cid}"]
+        else:
+            serial = "virtio-serial-device" if microvm else "virtio-serial-pci"
+            argv += [
+                "-device", f"{serial},id=vser0",
+                "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
+                "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
+            ]  # fmt: skip
+        return argv
+
+    def _log_tail(self) -> str:
+        try:
+            return (self.run_dir / "qemu.log").read_text(errors="replace")[-800:].strip()
+        except OSError:
+            return "(no qemu.log)"
