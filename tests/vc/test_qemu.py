@@ -80,4 +80,5 @@ async def test_command_line_for_both_machines(tmp_path: Path) -> None:
     assert "name=agent.channel.0" in micro
     q35 = " ".join(_vm(tmp_path, machine="q35").argv())
     assert "-M q35,memory-backend=mem" in q35
-    assert "vhost-user-fs-pci" in q35 and "virtio-serial-pci" in q35
+    assert "vhost-user-fs-pci" in q35
+    assert "virtio-serial-pci" in q35
