@@ -1,0 +1,177 @@
+"""Configuration: a TOML file like Kata's configuration.toml, with built-in defaults.
+
+Looked up at ``$KATA_PY_CONFIG`` or ``/etc/kata-py/configuration.toml``; a
+missing default file means the defaults, a missing named file is an error.
+Unknown keys are refused (a typo must not silently become a default). Pod
+annotations ``io.katacontainers.config.hypervisor.<key>`` may override the keys
+listed in ``enable_annotations``; any other ``io.katacontainers.config.``
+annotation is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from shimv2.errdefs import InvalidArgument
+from shimv2.vc.qemu import QemuConfig, default_guest_dir
+from shimv2.vc.virtiofsd import VIRTIOFSD
+
+DEFAULT_PATH = Path("/etc/kata-py/configuration.toml")
+ANNOTATION_PREFIX = "io.katacontainers.config."
+HYPERVISOR_ANNOTATION = ANNOTATION_PREFIX + "hypervisor."
+# What a pod may ask for, if the operator lists it in enable_annotations.
+ANNOTATABLE = frozenset({"default_vcpus", "default_memory", "kernel_params"})
+
+
+@dataclass(frozen=True, slots=True)
+class HypervisorConfig:
+    path: str = "qemu-system-x86_64"
+    kernel: str = field(default_factory=lambda: str(default_guest_dir() / "vmlinux"))
+    initrd: str = field(default_factory=lambda: str(default_guest_dir() / "initrd.img"))
+    machine_type: str = "microvm"
+    accelerator: str = "auto"
+    default_vcpus: int = 1
+    default_memory: int = 512
+    kernel_params: str = ""
+    virtio_fs_daemon: str = VIRTIOFSD
+    agent_channel: str = "auto"
+    enable_annotations: tuple[str, ...] = ()
+
+    def qemu(self, shared_dir: str | None) -> QemuConfig:
+        return QemuConfig(
+            kernel=self.kernel,
+            initrd=self.initrd,
+            binary=self.path,
+            machine=self.machine_type,
+            accelerator=self.accelerator,
+            vcpus=self.default_vcpus,
+            memory_mib=self.default_memory,
+            kernel_params=tuple(self.kernel_params.split()),
+            shared_dir=shared_dir,
+            virtiofsd=self.virtio_fs_daemon,
+            agent_channel=self.agent_channel,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    # Seconds for the agent to answer after the VM starts, and per request.
+    dial_timeout: float = 90.0
+    request_timeout: float = 60.0
+    oci_runtime: str = "crun"
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    state_dir: str = "/run/kata-py"
+    enable_debug: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+def _section(cls: type[Any], table: Mapping[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in fields:
+            raise InvalidArgument(f"{where}: unknown key {key!r}")
+        default = getattr(cls(), key)
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidArgument(f"{where}.{key}: want a list of strings")
+            value = tuple(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise InvalidArgument(f"{where}.{key}: want true or false")
+        elif isinstance(default, float):
+            if not isinstance(value, int | float) or isinstance(value, bool) or value <= 0:
+                raise InvalidArgument(f"{where}.{key}: want a positive number")
+            value = float(value)
+        elif isinstance(default, int):
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise InvalidArgument(f"{where}.{key}: want a positive integer")
+        elif not isinstance(value, str):
+            raise InvalidArgument(f"{where}.{key}: want a string")
+        values[key] = value
+    return cls(**values)
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"{source}: {exc}") from exc
+    known = {"hypervisor", "agent", "runtime"}
+    for key in doc:
+        if key not in known:
+            raise InvalidArgument(f"{source}: unknown section [{key}]")
+    hyp = doc.get("hypervisor", {})
+    if set(hyp) - {"qemu"}:
+        raise InvalidArgument(f"{source}: only [hypervisor.qemu] is supported")
+    agent = doc.get("agent", {})
+    if set(agent) - {"kata"}:
+        raise InvalidArgument(f"{source}: only [agent.kata] is supported")
+    config = Config(
+        hypervisor=_section(HypervisorConfig, hyp.get("qemu", {}), "hypervisor.qemu"),
+        agent=_section(AgentConfig, agent.get("kata", {}), "agent.kata"),
+        runtime=_section(RuntimeConfig, doc.get("runtime", {}), "runtime"),
+    )
+    bad = set(config.hypervisor.enable_annotations) - ANNOTATABLE
+    if bad:
+        raise InvalidArgument(
+            f"{source}: enable_annotations: {sorted(bad)} cannot be annotated "
+            f"(allowed: {sorted(ANNOTATABLE)})"
+        )
+    return config
+
+
+def load_config(path: str | None = None) -> Config:
+    """The configuration from ``path``, ``$KATA_PY_CONFIG`` or the default file."""
+    named = path or os.environ.get("KATA_PY_CONFIG")
+    target = Path(named) if named else DEFAULT_PATH
+    try:
+        text = target.read_text()
+    except FileNotFoundError:
+        if named:
+            raise InvalidArgument(f"configuration file not found: {target}") from None
+        return Config()
+    return parse_config(text, str(target))
+
+
+def apply_annotations(config: Config, annotations: Mapping[str, str]) -> Config:
+    """Apply the permitted ``io.katacontainers.config.*`` overrides of a pod."""
+    hyp = config.hypervisor
+    changes: dict[str, Any] = {}
+    for key, value in annotations.items():
+        if not key.startswith(ANNOTATION_PREFIX):
+            continue
+        name = (
+            key.removeprefix(HYPERVISOR_ANNOTATION) if key.startswith(HYPERVISOR_ANNOTATION) else ""
+        )
+        if name not in hyp.enable_annotations:
+            raise InvalidArgument(f"annotation {key} is not permitted by the configuration")
+        if name == "kernel_params":
+            changes[name] = f"{hyp.kernel_params} {value}".strip()
+            continue
+        try:
+            number = int(value)
+        except ValueError:
+            raise InvalidArgument(f"annotation {key}: want an integer, got {value!r}") from None
+        limit = 64 if name == "default_vcpus" else 262144
+        if not 1 <= number <= limit:
+            raise InvalidArgument(f"annotation {key}: {number} out of range 1..{limit}")
+        changes[name] = number
+    if not changes:
+        return config
+    return dataclasses.replace(config, hypervisor=dataclasses.replace(hyp, **changes))

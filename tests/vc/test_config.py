@@ -1,0 +1,107 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shimv2.errdefs import InvalidArgument
+from shimv2.vc.config import Config, apply_annotations, load_config, parse_config
+
+SAMPLE = """
+[hypervisor.qemu]
+path = "/usr/bin/qemu-system-x86_64"
+machine_type = "q35"
+default_vcpus = 2
+default_memory = 1024
+kernel_params = "debug"
+enable_annotations = ["default_vcpus", "kernel_params"]
+
+[agent.kata]
+dial_timeout = 30
+oci_runtime = "runc"
+
+[runtime]
+enable_debug = true
+"""
+
+
+def test_defaults_without_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KATA_PY_CONFIG", raising=False)
+    config = load_config()  # /etc/kata-py/configuration.toml does not exist here
+    assert config == Config()
+    assert config.hypervisor.machine_type == "microvm"
+    assert config.agent.oci_runtime == "crun"
+
+
+def test_file_values(tmp_path: Path) -> None:
+    path = tmp_path / "configuration.toml"
+    path.write_text(SAMPLE)
+    config = load_config(str(path))
+    assert config.hypervisor.machine_type == "q35"
+    assert (config.hypervisor.default_vcpus, config.hypervisor.default_memory) == (2, 1024)
+    assert config.agent.dial_timeout == 30.0
+    assert config.agent.oci_runtime == "runc"
+    assert config.runtime.enable_debug is True
+    qemu = config.hypervisor.qemu("/tmp/shared")
+    assert (qemu.machine, qemu.vcpus, qemu.memory_mib) == ("q35", 2, 1024)
+    assert qemu.kernel_params == ("debug",)
+
+
+def test_env_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[runtime]\nstate_dir = '/run/other'\n")
+    monkeypatch.setenv("KATA_PY_CONFIG", str(path))
+    assert load_config().runtime.state_dir == "/run/other"
+    monkeypatch.setenv("KATA_PY_CONFIG", str(tmp_path / "missing.toml"))
+    with pytest.raises(InvalidArgument, match="not found"):
+        load_config()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[hypervisor.qemu]\ndefault_vcpu = 2\n", "unknown key 'default_vcpu'"),
+        ("[hypervisor.qemu]\ndefault_vcpus = '2'\n", "positive integer"),
+        ("[hypervisor.qemu]\ndefault_memory = -1\n", "positive integer"),
+        ("[hypervisor.firecracker]\n", "only \\[hypervisor.qemu\\]"),
+        ("[network]\n", "unknown section"),
+        ("[runtime]\nenable_debug = 1\n", "true or false"),
+        ("[hypervisor.qemu]\nenable_annotations = ['path']\n", "cannot be annotated"),
+        ("not toml = = =", "configuration.toml"),
+    ],
+)
+def test_bad_files_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "configuration.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidArgument, match=message):
+        load_config(str(path))
+
+
+def test_permitted_annotations_apply() -> None:
+    config = parse_config(SAMPLE)
+    out = apply_annotations(
+        config,
+        {
+            "io.katacontainers.config.hypervisor.default_vcpus": "4",
+            "io.katacontainers.config.hypervisor.kernel_params": "foo=bar",
+            "io.kubernetes.cri.sandbox-id": "ignored",
+        },
+    )
+    assert out.hypervisor.default_vcpus == 4
+    assert out.hypervisor.kernel_params == "debug foo=bar"
+    assert config.hypervisor.default_vcpus == 2  # the original is untouched
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("io.katacontainers.config.hypervisor.default_memory", "4096", "not permitted"),
+        ("io.katacontainers.config.hypervisor.path", "/bin/sh", "not permitted"),
+        ("io.katacontainers.config.agent.oci_runtime", "runc", "not permitted"),
+        ("io.katacontainers.config.hypervisor.default_vcpus", "lots", "want an integer"),
+        ("io.katacontainers.config.hypervisor.default_vcpus", "0", "out of range"),
+    ],
+)
+def test_other_annotations_are_refused(key: str, value: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        apply_annotations(parse_config(SAMPLE), {key: value})

@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from shimv2.errdefs import DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from shimv2.vc.persist import ContainerState, SandboxState, Store
+
+
+def _state(sid: str = "pod1") -> SandboxState:
+    return SandboxState(
+        id=sid,
+        state="running",
+        qemu_pid=123,
+        containers={"c1": ContainerState(id="c1", bundle="/b", state="created", mounts=["/m"])},
+    )
+
+
+def test_round_trip_and_list(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    assert store.list() == []  # no storage directory yet
+    store.create("pod1")
+    assert store.list() == []  # no state saved yet
+    store.save(_state())
+    assert store.list() == ["pod1"]
+    loaded = store.load("pod1")
+    assert loaded == _state()
+    assert loaded.containers["c1"].mounts == ["/m"]
+    with pytest.raises(FailedPrecondition, match="already exists"):
+        store.create("pod1")
+    store.remove("pod1")
+    assert store.list() == []
+    with pytest.raises(NotFound):
+        store.load("pod1")
+
+
+def test_ids_are_checked_before_paths(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    for bad in ("../etc", "a/b", ""):
+        with pytest.raises(InvalidArgument):
+            store.sandbox_dir(bad)
+    assert not (tmp_path / "etc").exists()
+
+
+def test_bad_or_future_state_is_data_loss(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.create("pod1")
+    path = store.sandbox_dir("pod1") / "state.json"
+    path.write_text("{not json")
+    with pytest.raises(DataLoss, match="unreadable"):
+        store.load("pod1")
+    raw = json.loads(_state().to_json())
+    raw["version"] = 99
+    path.write_text(json.dumps(raw))
+    with pytest.raises(DataLoss, match="version 99"):
+        store.load("pod1")
+
+
+async def test_exclusive_lock_excludes_another_process(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.create("pod1")
+    lock = store.sandbox_dir("pod1") / "lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl,os,sys,time; fd=os.open(sys.argv[1],os.O_RDWR); "
+         "fcntl.flock(fd,fcntl.LOCK_SH); print('held',flush=True); time.sleep(30)", str(lock)],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == b"held"
+        async with store.locked("pod1", exclusive=False, timeout=1):
+            pass  # readers share
+        with pytest.raises(DeadlineExceeded, match="lock busy"):
+            async with store.locked("pod1", exclusive=True, timeout=0.3):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with trio.fail_after(2):
+        async with store.locked("pod1", exclusive=True):
+            pass
