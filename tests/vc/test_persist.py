@@ -65,7 +65,7 @@ async def test_exclusive_lock_excludes_another_process(tmp_path: Path) -> None:
     store = Store(tmp_path)
     store.create("pod1")
     lock = store.sandbox_dir("pod1") / "lock"
-    holder = subprocess.Popen(
+    holder = await trio.lowlevel.open_process(
         [sys.executable, "-c",
          "import fcntl,os,sys,time; fd=os.open(sys.argv[1],os.O_RDWR); "
          "fcntl.flock(fd,fcntl.LOCK_SH); print('held',flush=True); time.sleep(30)", str(lock)],
@@ -73,7 +73,7 @@ async def test_exclusive_lock_excludes_another_process(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         assert holder.stdout is not None
-        assert holder.stdout.readline().strip() == b"held"
+        assert (await holder.stdout.receive_some(16)).strip() == b"held"
         async with store.locked("pod1", exclusive=False, timeout=1):
             pass  # readers share
         with pytest.raises(DeadlineExceeded, match="lock busy"):
@@ -81,7 +81,7 @@ async def test_exclusive_lock_excludes_another_process(tmp_path: Path) -> None:
                 pass
     finally:
         holder.kill()
-        holder.wait()
+        await holder.wait()
     with trio.fail_after(2):
         async with store.locked("pod1", exclusive=True):
             pass
