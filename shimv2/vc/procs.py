@@ -66,3 +66,45 @@ class Child:
     def _signal(self, sig: int) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self._proc.pid, sig)
+
+
+def pid_alive(pid: int, marker: str) -> bool:
+    """Whether ``pid`` runs and its command line contains ``marker`` (pids get reused)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            zombie = f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
+    return not zombie and bool(marker) and marker in cmdline
+
+
+class Adopted:
+    """A process we did not start (found from persisted state), watched by pidfd."""
+
+    def __init__(self, name: str, pid: int) -> None:
+        self.name = name
+        self.pid = pid
+        self._fd = os.pidfd_open(pid)
+        self.returncode: int | None = None
+
+    async def wait(self) -> int:
+        if self.returncode is None:
+            await trio.lowlevel.wait_readable(self._fd)
+            # Not our child: its status is not ours to read.
+            self.returncode = -1
+            os.close(self._fd)
+        return self.returncode
+
+    async def stop(self, grace: float = 3.0) -> int:
+        if self.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._fd, signal.SIGTERM)
+            with trio.move_on_after(grace):
+                return await self.wait()
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._fd, signal.SIGKILL)
+        with trio.CancelScope(shield=True):
+            status = await self.wait()
+        return status

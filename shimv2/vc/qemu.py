@@ -20,7 +20,7 @@ import trio
 from shimv2.errdefs import FailedPrecondition, InvalidArgument, Unavailable
 from shimv2.vc.accel import choose_accelerator
 from shimv2.vc.hypervisor import AgentEndpoint
-from shimv2.vc.procs import Child
+from shimv2.vc.procs import Adopted, Child
 from shimv2.vc.qmp import Qmp
 from shimv2.vc.virtiofsd import VIRTIOFSD, start_virtiofsd
 
@@ -100,8 +100,8 @@ class Qemu:
         self.config = config
         self.run_dir = run_dir
         self.accelerator: str | None = None
-        self._qemu: Child | None = None
-        self._virtiofsd: Child | None = None
+        self._qemu: Child | Adopted | None = None
+        self._virtiofsd: Child | Adopted | None = None
         self._qmp: Qmp | None = None
         self._vsock_cid: int | None = None
         self._exited = trio.Event()
@@ -128,6 +128,10 @@ class Qemu:
     @property
     def pid(self) -> int | None:
         return self._qemu.pid if self._qemu is not None else None
+
+    @property
+    def virtiofsd_pid(self) -> int | None:
+        return self._virtiofsd.pid if self._virtiofsd is not None else None
 
     @property
     def qmp(self) -> Qmp:
@@ -181,7 +185,35 @@ class Qemu:
                 await trio.sleep(0.005)
         raise Unavailable(f"vm {self.vm_id}: QEMU did not start: {self._log_tail()}")
 
-    async def _watch(self, qemu: Child) -> None:
+    @classmethod
+    async def adopt(
+        cls,
+        vm_id: str,
+        config: QemuConfig,
+        run_dir: Path,
+        pid: int,
+        virtiofsd_pid: int,
+        vsock_cid: int,
+        nursery: trio.Nursery,
+    ) -> Qemu:
+        """Take over a running VM started by another process (from persisted state)."""
+        vm = cls(vm_id, config, run_dir)
+        vm._qemu = Adopted("qemu", pid)
+        if virtiofsd_pid:
+            vm._virtiofsd = Adopted("virtiofsd", virtiofsd_pid)
+        vm._vsock_cid = vsock_cid or None
+        nursery.start_soon(vm._watch, vm._qemu)
+        vm._qmp = Qmp(vm_id)
+        try:
+            with trio.fail_after(5):
+                await vm._qmp.connect(str(vm.qmp_path))
+        except BaseException:
+            await vm._qmp.aclose()
+            vm._qmp = None
+            raise
+        return vm
+
+    async def _watch(self, qemu: Child | Adopted) -> None:
         status = await qemu.wait()
         self._exit_status = status
         self._exited.set()

@@ -1,0 +1,286 @@
+"""A container of a sandbox: its state machine and its verbs through the agent.
+
+Each container has its own lock, held for state changes only, never across a
+blocking agent call such as WaitProcess. Exits are observed by one task per
+process (WaitProcess), which updates the state so that StatusContainer sees a
+process that died.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import signal as signals
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+from google.protobuf.empty_pb2 import Empty
+
+from shimv2.errdefs import AlreadyExists, Error, FailedPrecondition, NotFound
+from shimv2.guest.oci import message_from_json, spec_from_json
+from shimv2.pb.kata import agent_pb2, oci_pb2
+from shimv2.vc.ids import check_id, container_id
+from shimv2.vc.persist import ContainerState
+from shimv2.vc.storage import RootfsMount, guest_rootfs
+
+if TYPE_CHECKING:
+    from shimv2.vc.sandbox import Sandbox
+
+log = logging.getLogger(__name__)
+
+# Exit status reported when the VM (and so every process in it) is gone.
+VM_GONE_STATUS = 255
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerConfig:
+    id: str
+    bundle: str
+    spec: Mapping[str, Any]  # the OCI runtime spec (config.json)
+    rootfs: tuple[RootfsMount, ...] = ()
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerStatus:
+    id: str
+    state: str
+    pid: int
+    exit_status: int | None
+    annotations: Mapping[str, str]
+
+
+class ProcessExit:
+    """Where waiters learn that a process (init or exec) ended."""
+
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.status: int | None = None
+
+    def set(self, status: int) -> None:
+        if not self.event.is_set():
+            self.status = status
+            self.event.set()
+
+    async def wait(self) -> int:
+        await self.event.wait()
+        assert self.status is not None
+        return self.status
+
+
+class Container:
+    def __init__(self, sandbox: Sandbox, state: ContainerState) -> None:
+        self.sandbox = sandbox
+        self.state = state
+        self.lock = trio.Lock()
+        self.init_exit = ProcessExit()
+        self.execs: dict[str, ProcessExit] = {}
+        if state.exit_status is not None:
+            self.init_exit.set(state.exit_status)
+
+    @property
+    def id(self) -> str:
+        return self.state.id
+
+    def status(self) -> ContainerStatus:
+        s = self.state
+        return ContainerStatus(s.id, s.state, s.pid, s.exit_status, dict(s.annotations))
+
+    def _require(self, *states: str, verb: str) -> None:
+        if self.state.state not in states:
+            raise FailedPrecondition(
+                f"cannot {verb} container {self.id} in state {self.state.state}"
+            )
+
+    # -- lifecycle -----------------------------------------------------------
+
+    async def create(self, config: ContainerConfig) -> None:
+        """Mount the rootfs (recorded first) and create the container in the guest."""
+        spec = guest_spec(config.spec, self.id)
+        await self.sandbox.mount_rootfs(self, config)
+        request = agent_pb2.CreateContainerRequest(
+            container_id=self.id, exec_id=self.id, OCI=spec, sandbox_pidns=False
+        )
+        await self.sandbox.agent.call("CreateContainer", request, Empty)
+
+    async def start(self) -> None:
+        async with self.lock:
+            self._require("created", verb="start")
+            self.state.state = "starting"
+        try:
+            await self.sandbox.agent.call(
+                "StartContainer", agent_pb2.StartContainerRequest(container_id=self.id), Empty
+            )
+        except BaseException:
+            self.state.state = "created"
+            raise
+        self.state.state = "running"
+        self.sandbox.save()
+        self.sandbox.spawn(self._watch_init)
+
+    async def _watch_init(self) -> None:
+        request = agent_pb2.WaitProcessRequest(container_id=self.id, exec_id="")
+        try:
+            reply = await self.sandbox.agent.call(
+                "WaitProcess", request, agent_pb2.WaitProcessResponse
+            )
+            status = reply.status
+        except Error as exc:
+            log.warning("container %s: wait failed: %s", self.id, exc)
+            status = VM_GONE_STATUS
+        self.mark_exited(status)
+
+    def mark_exited(self, status: int) -> None:
+        """Record the init's exit (also used when the VM died: 255)."""
+        if self.state.state in ("created", "running", "paused", "starting"):
+            self.state.state = "stopped"
+            self.state.exit_status = status
+            self.sandbox.save()
+        self.init_exit.set(status if self.state.exit_status is None else self.state.exit_status)
+        for ex in self.execs.values():
+            ex.set(VM_GONE_STATUS if status == VM_GONE_STATUS else ex.status or status)
+
+    async def wait(self) -> int:
+        return await self.init_exit.wait()
+
+    async def kill(self, signal: int, all_processes: bool = False) -> None:
+        if self.state.state == "stopped":
+            if signal == signals.SIGKILL or all_processes:
+                return  # nothing left to kill
+            raise FailedPrecondition(f"container {self.id} is stopped")
+        self._require("running", "paused", "created", verb="kill")
+        targets = [""]  # "" = the init process
+        if all_processes:
+            # Every process we started; the init's children share its pid
+            # namespace and die with it on SIGKILL.
+            targets += [eid for eid, ex in self.execs.items() if not ex.event.is_set()]
+        for exec_id in targets:
+            request = agent_pb2.SignalProcessRequest(
+                container_id=self.id, exec_id=exec_id, signal=signal
+            )
+            await self.sandbox.agent.call("SignalProcess", request, Empty)
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Kill the init (SIGKILL) and wait for its exit, bounded."""
+        if self.state.state == "stopped":
+            return
+        if self.state.state == "created":
+            # Never started: no init to wait for; the agent removes it.
+            self.mark_exited(VM_GONE_STATUS if self.sandbox.vm_gone else 137)
+            return
+        if self.state.state == "paused":
+            await self.resume()
+        await self.kill(signals.SIGKILL)
+        with trio.move_on_after(timeout):
+            await self.init_exit.wait()
+        if not self.init_exit.event.is_set():
+            raise FailedPrecondition(f"container {self.id} did not stop within {timeout:g}s")
+
+    async def delete(self) -> None:
+        self._require("stopped", verb="delete")
+        if not self.sandbox.vm_gone:
+            request = agent_pb2.RemoveContainerRequest(container_id=self.id, timeout=10)
+            # NotFound: the guest no longer knows it; nothing to remove.
+            with contextlib.suppress(NotFound):
+                await self.sandbox.agent.call("RemoveContainer", request, Empty)
+        await self.sandbox.unmount_rootfs(self)
+
+    async def pause(self) -> None:
+        self._require("running", verb="pause")
+        await self.sandbox.agent.call(
+            "PauseContainer", agent_pb2.PauseContainerRequest(container_id=self.id), Empty
+        )
+        self.state.state = "paused"
+        self.sandbox.save()
+
+    async def resume(self) -> None:
+        self._require("paused", verb="resume")
+        await self.sandbox.agent.call(
+            "ResumeContainer", agent_pb2.ResumeContainerRequest(container_id=self.id), Empty
+        )
+        self.state.state = "running"
+        self.sandbox.save()
+
+    # -- processes -------------------------------------------------------------
+
+    async def enter(self, exec_id: str, process: Mapping[str, Any]) -> None:
+        """Exec a process (runtime-spec ``process`` JSON) in the running container."""
+        check_id(exec_id, "exec id")
+        self._require("running", verb="exec in")
+        if exec_id in self.execs:
+            raise AlreadyExists(f"exec {exec_id} already exists in container {self.id}")
+        proc = oci_pb2.Process()
+        message_from_json(proc, dict(process), "process")
+        request = agent_pb2.ExecProcessRequest(container_id=self.id, exec_id=exec_id, process=proc)
+        self.execs[exec_id] = ProcessExit()
+        try:
+            await self.sandbox.agent.call("ExecProcess", request, Empty)
+        except BaseException:
+            del self.execs[exec_id]
+            raise
+        self.sandbox.spawn(self._watch_exec, exec_id)
+
+    async def _watch_exec(self, exec_id: str) -> None:
+        request = agent_pb2.WaitProcessRequest(container_id=self.id, exec_id=exec_id)
+        try:
+            reply = await self.sandbox.agent.call(
+                "WaitProcess", request, agent_pb2.WaitProcessResponse
+            )
+            status = reply.status
+        except Error:
+            status = VM_GONE_STATUS
+        self.execs[exec_id].set(status)
+
+    async def wait_exec(self, exec_id: str) -> int:
+        ex = self.execs.get(exec_id)
+        if ex is None:
+            raise NotFound(f"exec {exec_id} not found in container {self.id}")
+        return await ex.wait()
+
+    async def process_list(self, fmt: str = "json", args: tuple[str, ...] = ()) -> bytes:
+        self._require("running", "paused", verb="list processes of")
+        request = agent_pb2.ListProcessesRequest(container_id=self.id, format=fmt, args=list(args))
+        reply = await self.sandbox.agent.call(
+            "ListProcesses", request, agent_pb2.ListProcessesResponse
+        )
+        return reply.process_list
+
+    async def process_list_pids(self) -> list[int]:
+        pids = json.loads(await self.process_list("json") or b"[]")
+        return [int(p) for p in pids]
+
+    async def update(self, resources: Mapping[str, Any]) -> None:
+        self._require("created", "running", "paused", verb="update")
+        res = oci_pb2.LinuxResources()
+        message_from_json(res, dict(resources), "resources")
+        request = agent_pb2.UpdateContainerRequest(container_id=self.id, resources=res)
+        await self.sandbox.agent.call("UpdateContainer", request, Empty)
+
+    async def stats(self) -> agent_pb2.StatsContainerResponse:
+        self._require("created", "running", "paused", verb="get stats of")
+        return await self.sandbox.agent.call(
+            "StatsContainer",
+            agent_pb2.StatsContainerRequest(container_id=self.id),
+            agent_pb2.StatsContainerResponse,
+        )
+
+
+def guest_spec(spec: Mapping[str, Any], cid: str) -> oci_pb2.Spec:
+    """The OCI spec as the guest must see it: rootfs on the shared mount, no host hooks."""
+    container_id(cid)
+    adjusted = dict(spec)
+    root = dict(adjusted.get("root") or {})
+    root["path"] = guest_rootfs(cid)
+    adjusted["root"] = root
+    adjusted.pop("hooks", None)  # host hooks cannot run in the guest
+    linux = dict(adjusted.get("linux") or {})
+    # The pod's network namespace lives on the host; inside the VM the
+    # container shares the guest's network (Kata drops the netns path too).
+    linux["namespaces"] = [ns for ns in linux.get("namespaces", []) if ns.get("type") != "network"]
+    for ns in linux["namespaces"]:
+        ns.pop("path", None)
+    adjusted["linux"] = linux
+    return spec_from_json(adjusted)

@@ -1,0 +1,310 @@
+"""A sandbox: one long-lived VM, the agent inside it, and its containers.
+
+Creation is a sequence of steps, each with its undo on an exit stack, so a
+failure at any step rolls back everything done so far. Background work (the
+VM watcher, the agent connection, WaitProcess per process) runs in the nursery
+the caller lends; nothing outlives it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+from google.protobuf.empty_pb2 import Empty
+
+from shimv2.errdefs import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from shimv2.pb.kata import agent_pb2
+from shimv2.vc import storage
+from shimv2.vc.agent import AgentClient, connect_agent
+from shimv2.vc.config import Config, apply_annotations
+from shimv2.vc.container import VM_GONE_STATUS, Container, ContainerConfig, ContainerStatus
+from shimv2.vc.factory import Factory
+from shimv2.vc.hypervisor import AgentEndpoint
+from shimv2.vc.ids import container_id, sandbox_id
+from shimv2.vc.persist import ContainerState, SandboxState, Store
+from shimv2.vc.procs import pid_alive
+from shimv2.vc.qemu import Qemu
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxConfig:
+    id: str
+    hostname: str = ""
+    netns: str = ""
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    containers: tuple[ContainerConfig, ...] = ()
+    dns: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxStatus:
+    id: str
+    state: str
+    qemu_pid: int
+    containers: tuple[ContainerStatus, ...]
+    annotations: Mapping[str, str] = field(default_factory=dict)
+
+
+class Sandbox:
+    def __init__(
+        self, store: Store, config: Config, state: SandboxState, nursery: trio.Nursery
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.state = state
+        self._nursery = nursery
+        self.vm: Qemu | None = None
+        self._agent: AgentClient | None = None
+        self._agent_scope: trio.CancelScope | None = None
+        self.containers: dict[str, Container] = {
+            cid: Container(self, cs) for cid, cs in state.containers.items()
+        }
+        self.vm_gone = False
+        self.vm_exited = trio.Event()
+
+    @property
+    def id(self) -> str:
+        return self.state.id
+
+    @property
+    def agent(self) -> AgentClient:
+        if self._agent is None or self._agent.closed:
+            raise Unavailable(f"sandbox {self.id}: the agent is not connected")
+        return self._agent
+
+    def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
+        self._nursery.start_soon(fn, *args)
+
+    def save(self) -> None:
+        self.state.containers = {cid: c.state for cid, c in self.containers.items()}
+        self.store.save(self.state)
+
+    def status(self) -> SandboxStatus:
+        return SandboxStatus(
+            self.id,
+            self.state.state,
+            self.state.qemu_pid,
+            tuple(c.status() for c in self.containers.values()),
+        )
+
+    def container(self, cid: str) -> Container:
+        c = self.containers.get(container_id(cid))
+        if c is None:
+            raise NotFound(f"container {cid} not found in sandbox {self.id}")
+        return c
+
+    # -- creation ----------------------------------------------------------------
+
+    async def boot(self, factory: Factory, annotations: Mapping[str, str]) -> None:
+        """Start the VM and connect to its agent (the caller handles rollback)."""
+        config = apply_annotations(self.config, annotations)
+        shared = self.store.shared_dir(self.id)
+        shared.mkdir(mode=0o700, exist_ok=True)
+        self.state.shared_dir = str(shared)
+        self.state.vm_dir = str(self.store.vm_dir(self.id))
+        qemu_config = config.hypervisor.qemu(str(shared))
+        self.vm = await factory.get_vm(self.id, qemu_config, Path(self.state.vm_dir), self._nursery)
+        self._record_vm(self.vm)
+        self.save()
+        self.spawn(self._watch_vm)
+        await self.connect_agent(config.agent.dial_timeout)
+
+    def _record_vm(self, vm: Qemu) -> None:
+        endpoint = vm.agent_endpoint()
+        self.state.qemu_pid = vm.pid or 0
+        self.state.virtiofsd_pid = vm.virtiofsd_pid or 0
+        self.state.agent_socket = endpoint.unix_path or ""
+        self.state.vsock_cid = endpoint.vsock_cid or 0
+        self.state.hypervisor = {"machine": vm.config.machine, "accelerator": vm.accelerator}
+
+    def endpoint(self) -> AgentEndpoint:
+        if self.state.vsock_cid:
+            return AgentEndpoint(vsock_cid=self.state.vsock_cid)
+        return AgentEndpoint(unix_path=self.state.agent_socket)
+
+    async def connect_agent(self, dial_timeout: float) -> None:
+        await self._nursery.start(self._hold_agent, dial_timeout)
+
+    async def _hold_agent(
+        self, dial_timeout: float, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with trio.CancelScope() as scope:
+            self._agent_scope = scope
+            async with connect_agent(
+                self.endpoint(),
+                ready_timeout=dial_timeout,
+                timeout=self.config.agent.request_timeout,
+            ) as agent:
+                self._agent = agent
+                task_status.started()
+                await trio.sleep_forever()
+        self._agent = None
+
+    async def _watch_vm(self) -> None:
+        assert self.vm is not None
+        status = await self.vm.wait_exited()
+        self.vm_gone = True
+        self.vm_exited.set()
+        if self.state.state != "stopped":
+            log.error("sandbox %s: VM exited (%d); every task exits with 255", self.id, status)
+        for c in self.containers.values():
+            c.mark_exited(VM_GONE_STATUS)
+        if self._agent_scope is not None:
+            self._agent_scope.cancel()
+
+    async def create_in_guest(self, config: SandboxConfig) -> None:
+        request = agent_pb2.CreateSandboxRequest(
+            hostname=config.hostname or self.id[:63],
+            dns=list(config.dns),
+            sandbox_id=self.id,
+        )
+        await self.agent.call("CreateSandbox", request, Empty)
+
+    # -- containers --------------------------------------------------------------
+
+    async def create_container(self, config: ContainerConfig) -> Container:
+        cid = container_id(config.id)
+        if cid in self.containers:
+            raise AlreadyExists(f"container {cid} already exists in sandbox {self.id}")
+        if self.state.state not in ("ready", "running"):
+            raise FailedPrecondition(f"sandbox {self.id} is {self.state.state}")
+        cs = ContainerState(
+            id=cid, bundle=config.bundle, state="creating", annotations=dict(config.annotations)
+        )
+        container = Container(self, cs)
+        self.containers[cid] = container
+        self.save()
+        try:
+            await container.create(config)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.unmount_rootfs(container)
+                del self.containers[cid]
+                self.save()
+            raise
+        cs.state = "created"
+        self.save()
+        return container
+
+    async def mount_rootfs(self, container: Container, config: ContainerConfig) -> None:
+        bundle_rootfs = Path(config.bundle) / str(config.spec.get("root", {}).get("path", "rootfs"))
+        record = container.state.mounts
+        try:
+            target = await storage.mount_rootfs(
+                self.state.shared_dir, container.id, config.rootfs, bundle_rootfs, record
+            )
+        finally:
+            self.save()  # the mount points are on disk before anyone needs to undo them
+        container.state.rootfs = str(target)
+
+    async def unmount_rootfs(self, container: Container) -> None:
+        left = await storage.unmount_all(container.state.mounts)
+        if left:
+            raise FailedPrecondition(f"container {container.id}: still mounted: {left}")
+        container.state.mounts.clear()
+        storage.remove_container_dir(self.state.shared_dir, container.id)
+
+    async def delete_container(self, cid: str) -> ContainerStatus:
+        container = self.container(cid)
+        async with container.lock:
+            await container.delete()
+            del self.containers[container.id]
+            self.save()
+        return container.status()
+
+    # -- sandbox verbs -----------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.state.state != "ready":
+            raise FailedPrecondition(f"cannot start sandbox {self.id} in state {self.state.state}")
+        for c in self.containers.values():
+            if c.state.state == "created":
+                await c.start()
+        self.state.state = "running"
+        self.save()
+
+    async def pause(self) -> None:
+        if self.state.state != "running":
+            raise FailedPrecondition(f"cannot pause sandbox {self.id} in state {self.state.state}")
+        await self._qemu().qmp.execute("stop")
+        self.state.state = "paused"
+        self.save()
+
+    async def resume(self) -> None:
+        if self.state.state != "paused":
+            raise FailedPrecondition(f"cannot resume sandbox {self.id} in state {self.state.state}")
+        await self._qemu().qmp.execute("cont")
+        self.state.state = "running"
+        self.save()
+
+    def _qemu(self) -> Qemu:
+        if self.vm is None or self.vm_gone:
+            raise Unavailable(f"sandbox {self.id}: the VM is not running")
+        return self.vm
+
+    async def stop(self, force: bool = False) -> None:
+        """Stop every container, tell the agent, power the VM off."""
+        if self.state.state == "stopped":
+            return
+        if self.state.state == "paused":
+            await self.resume()
+        errors: list[Exception] = []
+        if not self.vm_gone:
+            for c in list(self.containers.values()):
+                try:
+                    await c.stop()
+                except Exception as exc:
+                    if not force:
+                        raise
+                    errors.append(exc)
+            with contextlib.suppress(Exception), trio.move_on_after(5):
+                await self.agent.call("DestroySandbox", agent_pb2.DestroySandboxRequest(), Empty)
+        await self.release_vm()
+        for c in self.containers.values():
+            c.mark_exited(VM_GONE_STATUS)
+        self.state.state = "stopped"
+        self.save()
+        if errors:
+            log.warning("sandbox %s: forced stop despite %s", self.id, errors)
+
+    async def release_vm(self) -> None:
+        if self._agent_scope is not None:
+            self._agent_scope.cancel()
+        if self.vm is not None:
+            await self.vm.shutdown()
+        else:
+            await kill_recorded(self.state)
+
+    async def delete(self) -> None:
+        if self.state.state != "stopped":
+            raise FailedPrecondition(f"cannot delete sandbox {self.id} in state {self.state.state}")
+        for cid in list(self.containers):
+            c = self.containers[cid]
+            await self.unmount_rootfs(c)
+            del self.containers[cid]
+        self.store.remove(self.id)
+
+
+async def kill_recorded(state: SandboxState) -> None:
+    """Kill the QEMU and virtiofsd a state records (when no live object owns them)."""
+    markers = ((state.qemu_pid, f"kata-py-{state.id}"), (state.virtiofsd_pid, state.vm_dir))
+    for pid, marker in markers:
+        if pid and pid_alive(pid, marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with trio.move_on_after(5):
+                while pid_alive(pid, marker):  # noqa: ASYNC110 - not our child: no event
+                    await trio.sleep(0.02)
+
+
+def sandbox_state_for(config: SandboxConfig) -> SandboxState:
+    return SandboxState(id=sandbox_id(config.id), state="creating", netns=config.netns)
