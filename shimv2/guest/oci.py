@@ -1,0 +1,177 @@
+"""The OCI spec: protobuf ``grpc.Spec`` (Go field names) ⇄ runtime-spec JSON (config.json).
+
+One rule names almost every JSON key: the Go field name with its leading
+capitals lowered (``UIDMappings`` → ``uidMappings``, ``CPU`` → ``cpu``,
+``OOMScoreAdj`` → ``oomScoreAdj``). ``JSON_NAMES`` lists the exceptions, and
+``REQUIRED`` the fields that specs-go/config.go writes even when zero (no
+``omitempty``); every other zero, empty or unset field is left out, as Go does.
+
+Error handling: ``spec_from_json`` raises ``InvalidArgument`` for JSON that does
+not fit the messages (wrong types, out-of-range numbers).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from shimv2.errdefs import InvalidArgument
+from shimv2.pb.kata import oci_pb2
+
+# (message name, proto field) -> JSON key, where the rule gets it wrong.
+JSON_NAMES: dict[tuple[str, str], str] = {
+    ("Spec", "Version"): "ociVersion",
+    ("LinuxHugepageLimit", "Pagesize"): "pageSize",
+    ("LinuxSyscall", "errnoret"): "errnoRet",
+}
+
+# Fields written even when zero (no omitempty in specs-go), by message name.
+REQUIRED: dict[str, frozenset[str]] = {
+    "Spec": frozenset({"Version"}),
+    "Process": frozenset({"User", "Cwd"}),
+    "User": frozenset({"UID", "GID"}),
+    "Box": frozenset({"Height", "Width"}),
+    "POSIXRlimit": frozenset({"Type", "Hard", "Soft"}),
+    "Root": frozenset({"Path"}),
+    "Mount": frozenset({"destination"}),
+    "Hook": frozenset({"Path"}),
+    "LinuxIDMapping": frozenset({"HostID", "ContainerID", "Size"}),
+    "LinuxNamespace": frozenset({"Type"}),
+    "LinuxDevice": frozenset({"Path", "Type", "Major", "Minor"}),
+    "LinuxDeviceCgroup": frozenset({"Allow"}),
+    "LinuxPids": frozenset({"Limit"}),
+    "LinuxWeightDevice": frozenset({"Major", "Minor"}),
+    "LinuxThrottleDevice": frozenset({"Major", "Minor", "Rate"}),
+    "LinuxHugepageLimit": frozenset({"Pagesize", "Limit"}),
+    "LinuxInterfacePriority": frozenset({"Name", "Priority"}),
+    "LinuxSyscall": frozenset({"Names", "Action"}),
+    "LinuxSeccompArg": frozenset({"Index", "Value", "Op"}),
+}
+
+# Device cgroup numbers: unset (0, or Kata's -1) means "any", left out of the JSON.
+WILDCARD_BELOW_ZERO: frozenset[tuple[str, str]] = frozenset(
+    {("LinuxDeviceCgroup", "Major"), ("LinuxDeviceCgroup", "Minor")}
+)
+
+# Never written: Solaris and Windows are placeholders on a Linux guest.
+SKIPPED: frozenset[tuple[str, str]] = frozenset({("Spec", "Solaris"), ("Spec", "Windows")})
+
+_LEADING_CAPS = re.compile(r"^([A-Z0-9]+)(?=[A-Z][a-z]|$)|^[A-Z]")
+
+
+def json_name(message: str, field: str) -> str:
+    """The runtime-spec JSON key of a proto field of ``message``."""
+    special = JSON_NAMES.get((message, field))
+    if special is not None:
+        return special
+    return _LEADING_CAPS.sub(lambda m: m.group(0).lower(), field, count=1)
+
+
+def message_to_json(msg: Message) -> dict[str, Any]:
+    """Any message of oci.proto as its runtime-spec JSON object."""
+    desc: Any = msg.DESCRIPTOR
+    out: dict[str, Any] = {}
+    required = REQUIRED.get(desc.name, frozenset())
+    for field in desc.fields:
+        if (desc.name, field.name) in SKIPPED:
+            continue
+        key = json_name(desc.name, field.name)
+        value = getattr(msg, field.name)
+        if _is_map(field):
+            if value or field.name in required:
+                out[key] = {
+                    k: _scalar_or_message(field.message_type.fields_by_name["value"], v)
+                    for k, v in value.items()
+                }
+        elif _is_repeated(field):
+            if value or field.name in required:
+                out[key] = [_scalar_or_message(field, v) for v in value]
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
+            if msg.HasField(field.name) or field.name in required:
+                out[key] = message_to_json(value)
+        elif field.has_presence:
+            if msg.HasField(field.name):
+                out[key] = value
+        elif (desc.name, field.name) in WILDCARD_BELOW_ZERO and value <= 0:
+            continue
+        elif value != field.default_value or field.name in required:
+            out[key] = value
+    return out
+
+
+def _scalar_or_message(field: Any, value: Any) -> Any:
+    if field.type == FieldDescriptor.TYPE_MESSAGE:
+        return message_to_json(value)
+    return value
+
+
+def _is_repeated(field: Any) -> bool:
+    return bool(field.is_repeated)
+
+
+def _is_map(field: Any) -> bool:
+    return (
+        _is_repeated(field)
+        and field.type == FieldDescriptor.TYPE_MESSAGE
+        and field.message_type.GetOptions().map_entry
+    )
+
+
+def message_from_json(msg: Message, obj: Any, path: str = "") -> None:
+    """Fill ``msg`` from its runtime-spec JSON; unknown keys are ignored."""
+    if not isinstance(obj, dict):
+        raise InvalidArgument(f"{path or 'spec'}: expected an object")
+    desc: Any = msg.DESCRIPTOR
+    for field in desc.fields:
+        key = json_name(desc.name, field.name)
+        if key not in obj or obj[key] is None:
+            continue
+        value = obj[key]
+        where = f"{path}.{key}" if path else key
+        try:
+            if _is_map(field):
+                if not isinstance(value, dict):
+                    raise InvalidArgument(f"{where}: expected an object")
+                target = getattr(msg, field.name)
+                for k, v in value.items():
+                    target[k] = v
+            elif _is_repeated(field):
+                if not isinstance(value, list):
+                    raise InvalidArgument(f"{where}: expected a list")
+                target = getattr(msg, field.name)
+                for i, item in enumerate(value):
+                    if field.type == FieldDescriptor.TYPE_MESSAGE:
+                        message_from_json(target.add(), item, f"{where}[{i}]")
+                    else:
+                        target.append(item)
+            elif field.type == FieldDescriptor.TYPE_MESSAGE:
+                message_from_json(getattr(msg, field.name), value, where)
+                getattr(msg, field.name).SetInParent()
+            else:
+                setattr(msg, field.name, value)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"{where}: {exc}") from exc
+
+
+def spec_to_json(spec: oci_pb2.Spec) -> dict[str, Any]:
+    """A ``grpc.Spec`` as the runtime-spec ``config.json`` object."""
+    return message_to_json(spec)
+
+
+def spec_from_json(obj: Any) -> oci_pb2.Spec:
+    spec = oci_pb2.Spec()
+    message_from_json(spec, obj)
+    return spec
+
+
+def process_to_json(process: oci_pb2.Process) -> dict[str, Any]:
+    """A ``grpc.Process`` as the runtime-spec ``process`` object (``--process`` file)."""
+    return message_to_json(process)
+
+
+def resources_to_json(resources: oci_pb2.LinuxResources) -> dict[str, Any]:
+    """``grpc.LinuxResources`` as the runtime-spec ``linux.resources`` object."""
+    return message_to_json(resources)

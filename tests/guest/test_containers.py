@@ -1,0 +1,584 @@
+"""ContainerService for real: crun (or runc), a busybox rootfs, our ttrpc over a socketpair.
+
+The server side of the socketpair is an ``FdTransport``, as on the agent's
+virtio-serial port; the client is our ttrpc client, as in the shim.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import trio
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
+
+from shimv2.errdefs import FailedPrecondition, InvalidArgument, NotFound
+from shimv2.guest import cgroups
+from shimv2.guest.containers import ContainerService
+from shimv2.guest.process import set_child_subreaper
+from shimv2.guest.runtime import Runtime
+from shimv2.pb.kata import agent_pb2, oci_pb2
+from shimv2.ttrpc import Client, FdTransport, Server, Service, open_client
+from tests.guest.rootfs import (
+    BUSYBOX,
+    HostRuntime,
+    build_rootfs,
+    host_runtime,
+    make_process,
+    make_spec,
+)
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+    pytest.mark.skipif(shutil.which("crun") is None, reason="needs crun"),
+    pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="needs busybox-static"),
+]
+
+SERVICE = "grpc.AgentService"
+T = TypeVar("T", bound=Message)
+
+
+@dataclass
+class Agent:
+    client: Client
+    service: ContainerService
+    host: HostRuntime
+    rootfs: str
+    prefix: str
+    state_dir: Path
+
+    def cid(self, name: str) -> str:
+        return f"{self.prefix}-{name}"
+
+    async def call(self, method: str, req: Message, resp: type[T] = Empty) -> T:  # type: ignore[assignment]
+        return await self.client.call(SERVICE, method, req, resp)
+
+    async def create(self, name: str, args: list[str], *, terminal: bool = False) -> str:
+        cid = self.cid(name)
+        spec = make_spec(self.rootfs, args, terminal=terminal)
+        await self.call(
+            "CreateContainer", agent_pb2.CreateContainerRequest(container_id=cid, OCI=spec)
+        )
+        return cid
+
+    async def run(self, name: str, args: list[str], *, terminal: bool = False) -> str:
+        cid = await self.create(name, args, terminal=terminal)
+        await self.call("StartContainer", agent_pb2.StartContainerRequest(container_id=cid))
+        return cid
+
+    async def read_all(self, cid: str, exec_id: str = "", *, stderr: bool = False) -> bytes:
+        method = "ReadStderr" if stderr else "ReadStdout"
+        out = bytearray()
+        while True:
+            resp = await self.call(
+                method,
+                agent_pb2.ReadStreamRequest(container_id=cid, exec_id=exec_id, len=65536),
+                agent_pb2.ReadStreamResponse,
+            )
+            if not resp.data:
+                return bytes(out)
+            out += resp.data
+
+    async def wait(self, cid: str, exec_id: str = "") -> int:
+        resp = await self.call(
+            "WaitProcess",
+            agent_pb2.WaitProcessRequest(container_id=cid, exec_id=exec_id),
+            agent_pb2.WaitProcessResponse,
+        )
+        return resp.status
+
+    async def remove(self, cid: str) -> None:
+        await self.call("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id=cid))
+
+
+async def _serve_agent(
+    tmp_path: Path, nursery: trio.Nursery, host: HostRuntime
+) -> AsyncIterator[Agent]:
+    set_child_subreaper()
+    runtime = Runtime(host.binary, command_prefix=host.command_prefix)
+    state_dir = tmp_path / "state"
+    service = ContainerService(
+        runtime, str(state_dir), cgroup_root=host.cgroup_root, oom_poll_interval=0.1
+    )
+    await nursery.start(service.run)
+    ours, theirs = socket.socketpair()
+    server = Server(
+        [Service.from_descriptor(agent_pb2.DESCRIPTOR.services_by_name["AgentService"], service)],
+        peer_check=lambda peer: True,
+    )
+    nursery.start_soon(server.serve_transport, FdTransport(theirs.detach()))
+    prefix = f"kp{uuid.uuid4().hex[:8]}"
+    rootfs = str(build_rootfs(tmp_path / "rootfs"))
+    try:
+        async with open_client(trio.SocketStream(trio.socket.from_stdlib_socket(ours))) as client:
+            yield Agent(client, service, host, rootfs, prefix, state_dir)
+    finally:
+        with trio.CancelScope(shield=True):
+            await service.remove_all()
+        _force_cleanup(host, prefix)
+
+
+def _force_cleanup(host: HostRuntime, prefix: str) -> None:
+    """Whatever a failed test left: crun state, cgroups."""
+    listing = host.run("list", "-q").stdout.split()
+    for cid in listing:
+        if cid.startswith(prefix):
+            host.run("delete", "-f", cid)
+    parent = Path(host.cgroup_root) / "kata-py"
+    for cg in parent.glob(f"{prefix}-*"):
+        cg.rmdir()
+
+
+@pytest.fixture
+async def agent(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Agent]:
+    async for a in _serve_agent(tmp_path, nursery, host_runtime("crun")):
+        yield a
+
+
+def crun_ids(host: HostRuntime) -> list[str]:
+    return host.run("list", "-q").stdout.split()
+
+
+# ---- lifecycle ------------------------------------------------------------------------------
+
+
+async def test_echo_hello(agent: Agent) -> None:
+    cid = await agent.run("echo", ["echo", "hello"])
+    assert await agent.read_all(cid) == b"hello\n"
+    assert await agent.read_all(cid, stderr=True) == b""
+    assert await agent.wait(cid) == 0
+    await agent.remove(cid)
+
+
+async def test_exit_code(agent: Agent) -> None:
+    cid = await agent.run("exit3", ["sh", "-c", "echo oops >&2; exit 3"])
+    assert await agent.read_all(cid, stderr=True) == b"oops\n"
+    assert await agent.wait(cid) == 3
+    await agent.remove(cid)
+
+
+async def test_stdin_to_stdout_through_cat(agent: Agent) -> None:
+    cid = await agent.run("cat", ["cat"])
+    for chunk in (b"one\n", b"two\n"):
+        resp = await agent.call(
+            "WriteStdin",
+            agent_pb2.WriteStreamRequest(container_id=cid, data=chunk),
+            agent_pb2.WriteStreamResponse,
+        )
+        assert resp.len == len(chunk)
+    await agent.call("CloseStdin", agent_pb2.CloseStdinRequest(container_id=cid))
+    assert await agent.read_all(cid) == b"one\ntwo\n"
+    assert await agent.wait(cid) == 0
+    with pytest.raises(FailedPrecondition):
+        await agent.call("WriteStdin", agent_pb2.WriteStreamRequest(container_id=cid, data=b"x"))
+    await agent.remove(cid)
+
+
+async def test_exec_in_running_container(agent: Agent) -> None:
+    cid = await agent.run("sleeper", ["sleep", "100"])
+    proc = make_process(["uname", "-r"])
+    await agent.call(
+        "ExecProcess", agent_pb2.ExecProcessRequest(container_id=cid, exec_id="ex1", process=proc)
+    )
+    assert await agent.read_all(cid, "ex1") == (os.uname().release + "\n").encode()
+    assert await agent.wait(cid, "ex1") == 0
+    # Waited and drained: the exec is gone; the init still runs.
+    with pytest.raises(NotFound):
+        await agent.wait(cid, "ex1")
+    proc = make_process(["sleep", "100"])
+    await agent.call(
+        "ExecProcess", agent_pb2.ExecProcessRequest(container_id=cid, exec_id="ex2", process=proc)
+    )
+    # An exec's SIGTERM is delivered as is (sleep is not pid 1): 128 + 15.
+    await agent.call(
+        "SignalProcess",
+        agent_pb2.SignalProcessRequest(container_id=cid, exec_id="ex2", signal=signal.SIGTERM),
+    )
+    assert await agent.wait(cid, "ex2") == 143
+    await agent.remove(cid)
+
+
+async def test_illegal_transitions(agent: Agent) -> None:
+    cid = await agent.create("twice", ["true"])
+    with pytest.raises(FailedPrecondition):  # exec before start
+        await agent.call(
+            "ExecProcess",
+            agent_pb2.ExecProcessRequest(
+                container_id=cid, exec_id="e", process=make_process(["true"])
+            ),
+        )
+    await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=cid))
+    with pytest.raises(FailedPrecondition):
+        await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=cid))
+    assert await agent.wait(cid) == 0
+    with pytest.raises(FailedPrecondition):  # exec in a stopped container
+        await agent.call(
+            "ExecProcess",
+            agent_pb2.ExecProcessRequest(
+                container_id=cid, exec_id="e", process=make_process(["true"])
+            ),
+        )
+    with pytest.raises(FailedPrecondition):  # pause a stopped container
+        await agent.call("PauseContainer", agent_pb2.PauseContainerRequest(container_id=cid))
+    await agent.remove(cid)
+
+
+async def test_tty_and_resize(agent: Agent) -> None:
+    cid = await agent.run("tty", ["sh", "-c", "sleep 0.5; stty size"], terminal=True)
+    await agent.call(
+        "TtyWinResize", agent_pb2.TtyWinResizeRequest(container_id=cid, row=33, column=101)
+    )
+    assert await agent.read_all(cid, stderr=True) == b""  # a terminal has no stderr
+    out = await agent.read_all(cid)
+    assert out.replace(b"\r", b"").strip() == b"33 101"
+    assert await agent.wait(cid) == 0
+    await agent.remove(cid)
+
+
+async def test_resize_without_tty_is_refused(agent: Agent) -> None:
+    cid = await agent.run("notty", ["sleep", "100"])
+    with pytest.raises(FailedPrecondition):
+        await agent.call(
+            "TtyWinResize", agent_pb2.TtyWinResizeRequest(container_id=cid, row=1, column=1)
+        )
+    await agent.remove(cid)
+
+
+async def test_signal_init(agent: Agent) -> None:
+    cid = await agent.run("kill", ["sleep", "100"])
+    # pid 1 ignores SIGTERM without a handler: as Kata, the agent sends SIGKILL instead.
+    await agent.call(
+        "SignalProcess", agent_pb2.SignalProcessRequest(container_id=cid, signal=signal.SIGTERM)
+    )
+    assert await agent.wait(cid) == 137
+    # Signalling an init that already exited is not an error.
+    await agent.call(
+        "SignalProcess", agent_pb2.SignalProcessRequest(container_id=cid, signal=signal.SIGKILL)
+    )
+    await agent.remove(cid)
+
+
+async def test_sigterm_to_init_with_a_handler(agent: Agent) -> None:
+    script = "trap 'exit 143' TERM; echo ready; while :; do sleep 0.05; done"
+    cid = await agent.run("trap", ["sh", "-c", script])
+    resp = await agent.call(
+        "ReadStdout",
+        agent_pb2.ReadStreamRequest(container_id=cid, len=64),
+        agent_pb2.ReadStreamResponse,
+    )
+    assert resp.data == b"ready\n"
+    await agent.call(
+        "SignalProcess", agent_pb2.SignalProcessRequest(container_id=cid, signal=signal.SIGTERM)
+    )
+    assert await agent.wait(cid) == 143
+    await agent.remove(cid)
+
+
+async def test_many_waiters(agent: Agent) -> None:
+    cid = await agent.run("waiters", ["sh", "-c", "sleep 0.3; exit 7"])
+    results: list[int] = []
+
+    async def waiter() -> None:
+        results.append(await agent.wait(cid))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(waiter)
+    assert results == [7] * 5
+    await agent.remove(cid)
+
+
+async def test_large_output_complete_and_bounded(agent: Agent) -> None:
+    cid = await agent.run("big", ["head", "-c", "5000000", "/dev/zero"])
+    await trio.sleep(0.5)  # the process fills our buffer and the pipe, then blocks
+    container = agent.service._containers[cid]
+    assert container.init is not None
+    assert len(container.init.stdout) <= 1 << 20
+    assert not container.init.exited  # back-pressure: it cannot finish unread
+    total = 0
+    while True:
+        resp = await agent.call(
+            "ReadStdout",
+            agent_pb2.ReadStreamRequest(container_id=cid, len=4 << 20),
+            agent_pb2.ReadStreamResponse,
+        )
+        if not resp.data:
+            break
+        assert len(resp.data) <= 1 << 20
+        assert resp.data.count(0) == len(resp.data)
+        total += len(resp.data)
+    assert total == 5_000_000
+    assert await agent.wait(cid) == 0
+    await agent.remove(cid)
+
+
+# ---- container-wide verbs -------------------------------------------------------------------
+
+
+async def test_stats(agent: Agent) -> None:
+    cid = await agent.run(
+        "stats", ["sh", "-c", "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done; sleep 100"]
+    )
+    await trio.sleep(0.5)
+    resp = await agent.call(
+        "StatsContainer",
+        agent_pb2.StatsContainerRequest(container_id=cid),
+        agent_pb2.StatsContainerResponse,
+    )
+    usage = resp.cgroup_stats.cpu_stats.cpu_usage
+    assert usage.total_usage > 0
+    assert usage.total_usage >= usage.usage_in_usermode
+    cgroup = Path(agent.host.cgroup_root) / "kata-py" / cid
+    if (cgroup / "memory.current").exists():
+        assert resp.cgroup_stats.memory_stats.usage.usage > 0
+        assert resp.cgroup_stats.pids_stats.current >= 2
+    await agent.remove(cid)
+
+
+async def test_pause_resume(agent: Agent) -> None:
+    cid = await agent.run("pause", ["sleep", "100"])
+    freeze = Path(agent.host.cgroup_root) / "kata-py" / cid / "cgroup.freeze"
+    await agent.call("PauseContainer", agent_pb2.PauseContainerRequest(container_id=cid))
+    assert freeze.read_text().strip() == "1"
+    with pytest.raises(FailedPrecondition):
+        await agent.call("PauseContainer", agent_pb2.PauseContainerRequest(container_id=cid))
+    await agent.call("ResumeContainer", agent_pb2.ResumeContainerRequest(container_id=cid))
+    assert freeze.read_text().strip() == "0"
+    # A paused container can be removed: it is thawed and killed.
+    await agent.call("PauseContainer", agent_pb2.PauseContainerRequest(container_id=cid))
+    await agent.remove(cid)
+    assert not freeze.parent.exists()
+
+
+async def test_list_processes(agent: Agent) -> None:
+    cid = await agent.run("ps", ["sleep", "100"])
+    init = agent.service._containers[cid].init
+    assert init is not None
+    resp = await agent.call(
+        "ListProcesses",
+        agent_pb2.ListProcessesRequest(container_id=cid, format="json"),
+        agent_pb2.ListProcessesResponse,
+    )
+    assert json.loads(resp.process_list) == [init.pid]
+    resp = await agent.call(
+        "ListProcesses",
+        agent_pb2.ListProcessesRequest(container_id=cid, format="table"),
+        agent_pb2.ListProcessesResponse,
+    )
+    assert re.search(rf"^\s*{init.pid} sleep 100$", resp.process_list.decode(), re.M)
+    with pytest.raises(InvalidArgument):
+        await agent.call(
+            "ListProcesses", agent_pb2.ListProcessesRequest(container_id=cid, format="xml")
+        )
+    await agent.remove(cid)
+
+
+async def test_update_container(agent: Agent) -> None:
+    cid = await agent.run("update", ["sleep", "100"])
+    cgroup = Path(agent.host.cgroup_root) / "kata-py" / cid
+    resources = oci_pb2.LinuxResources()
+    if (cgroup / "pids.max").exists():
+        resources.Pids.Limit = 42
+        await agent.call(
+            "UpdateContainer",
+            agent_pb2.UpdateContainerRequest(container_id=cid, resources=resources),
+        )
+        assert (cgroup / "pids.max").read_text().strip() == "42"
+    else:  # no pids controller here: the runtime's refusal comes back as a status
+        resources.Pids.Limit = 42
+        with pytest.raises(FailedPrecondition):
+            await agent.call(
+                "UpdateContainer",
+                agent_pb2.UpdateContainerRequest(container_id=cid, resources=resources),
+            )
+    await agent.remove(cid)
+
+
+async def test_oom_event(agent: Agent) -> None:
+    cgroup_root = Path(agent.host.cgroup_root)
+    if "memory" not in (cgroup_root / "cgroup.controllers").read_text().split():
+        pytest.skip("no cgroup v2 memory controller")
+    cid = agent.cid("oom")
+    spec = make_spec(agent.rootfs, ["sh", "-c", "head -c 200000000 /dev/zero | tail"])
+    spec.Linux.Resources.Memory.Limit = 16 << 20
+    await agent.call(
+        "CreateContainer", agent_pb2.CreateContainerRequest(container_id=cid, OCI=spec)
+    )
+    await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=cid))
+    with trio.fail_after(20):
+        event = await agent.call("GetOOMEvent", agent_pb2.GetOOMEventRequest(), agent_pb2.OOMEvent)
+    assert event.container_id == cid
+    await agent.wait(cid)
+    await agent.remove(cid)
+
+
+# ---- errors and removal ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", ["../x", "", "-x", "a/b", "x" * 77, ".."])
+async def test_bad_ids_are_refused(agent: Agent, bad: str) -> None:
+    spec = make_spec(agent.rootfs, ["true"])
+    with pytest.raises(InvalidArgument):
+        await agent.call(
+            "CreateContainer", agent_pb2.CreateContainerRequest(container_id=bad, OCI=spec)
+        )
+    with pytest.raises(InvalidArgument):
+        await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=bad))
+    assert not os.path.exists(agent.state_dir / "x")
+    # The agent still serves.
+    cid = await agent.run("after", ["echo", "alive"])
+    assert await agent.read_all(cid) == b"alive\n"
+    await agent.remove(cid)
+
+
+async def test_bad_exec_id_and_sizes(agent: Agent) -> None:
+    cid = await agent.run("sizes", ["sleep", "100"])
+    with pytest.raises(InvalidArgument):
+        await agent.call(
+            "ExecProcess",
+            agent_pb2.ExecProcessRequest(
+                container_id=cid, exec_id="../e", process=make_process(["true"])
+            ),
+        )
+    with pytest.raises(InvalidArgument):
+        await agent.call("ReadStdout", agent_pb2.ReadStreamRequest(container_id=cid, len=0))
+    with pytest.raises(InvalidArgument):
+        await agent.call(
+            "SignalProcess", agent_pb2.SignalProcessRequest(container_id=cid, signal=1000)
+        )
+    with pytest.raises(NotFound):
+        await agent.call(
+            "SignalProcess",
+            agent_pb2.SignalProcessRequest(container_id=cid, exec_id="nope", signal=9),
+        )
+    await agent.remove(cid)
+
+
+async def test_unknown_container(agent: Agent) -> None:
+    for method, req in [
+        ("StartContainer", agent_pb2.StartContainerRequest(container_id="nope")),
+        ("WaitProcess", agent_pb2.WaitProcessRequest(container_id="nope")),
+        ("RemoveContainer", agent_pb2.RemoveContainerRequest(container_id="nope")),
+        ("StatsContainer", agent_pb2.StatsContainerRequest(container_id="nope")),
+    ]:
+        with pytest.raises(NotFound):
+            await agent.call(method, req)
+
+
+async def test_create_failure_leaves_nothing(agent: Agent) -> None:
+    cid = agent.cid("nobin")
+    spec = make_spec(agent.rootfs, ["/no/such/binary"])
+    # crun checks the binary at create or at start, depending on its version.
+    try:
+        await agent.call(
+            "CreateContainer", agent_pb2.CreateContainerRequest(container_id=cid, OCI=spec)
+        )
+    except FailedPrecondition:
+        assert cid not in agent.service._containers
+    else:
+        with pytest.raises(FailedPrecondition):
+            await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=cid))
+        await agent.remove(cid)
+    assert cid not in crun_ids(agent.host)
+    assert not (agent.state_dir / cid).exists()
+    assert not (Path(agent.host.cgroup_root) / "kata-py" / cid).exists()
+
+
+async def test_remove_leaves_nothing(agent: Agent) -> None:
+    cid = await agent.run("rm", ["sleep", "100"])
+    init = agent.service._containers[cid].init
+    assert init is not None
+    pid = init.pid
+    cgroup = Path(agent.host.cgroup_root) / "kata-py" / cid
+    assert cgroup.exists()
+    assert cid in crun_ids(agent.host)
+    await agent.remove(cid)  # still running: killed first, as Kata does
+    assert not (agent.state_dir / cid).exists()
+    assert cid not in crun_ids(agent.host)
+    assert not cgroup.exists()
+    assert not os.path.exists(f"/proc/{pid}")
+    with pytest.raises(NotFound):
+        await agent.wait(cid)
+
+
+@pytest.mark.skipif(shutil.which("runc") is None, reason="needs runc")
+async def test_runc_selectable(tmp_path: Path, nursery: trio.Nursery) -> None:
+    host = host_runtime("runc")
+    async for agent in _serve_agent(tmp_path, nursery, host):
+        cid = await agent.run("runc", ["sh", "-c", "echo via runc; exit 5"])
+        assert await agent.read_all(cid) == b"via runc\n"
+        assert await agent.wait(cid) == 5
+        await agent.remove(cid)
+        assert cid not in crun_ids(host)
+
+
+# ---- cgroup files, without a container ------------------------------------------------------
+
+
+def test_read_stats_from_cgroup_files(tmp_path: Path) -> None:
+    files = {
+        "cpu.stat": "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 4\n",
+        "memory.current": "4096\n",
+        "memory.peak": "8192\n",
+        "memory.max": "max\n",
+        "memory.stat": "anon 1024\nfile 2048\nkernel 100\n",
+        "memory.events": "low 0\nhigh 0\nmax 3\noom 1\noom_kill 2\n",
+        "pids.current": "3\n",
+        "pids.max": "100\n",
+        "io.stat": "8:0 rbytes=10 wbytes=20 rios=1 wios=2 dbytes=0 dios=0\n",
+        "hugetlb.2MB.current": "0\n",
+        "cgroup.procs": "12\n34\n",
+        "cgroup.freeze": "1\n",
+    }
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    stats = cgroups.read_stats(str(tmp_path))
+    assert stats.cpu_stats.cpu_usage.total_usage == 1_500_000
+    assert stats.cpu_stats.cpu_usage.usage_in_usermode == 1_000_000
+    assert stats.cpu_stats.cpu_usage.usage_in_kernelmode == 500_000
+    assert stats.memory_stats.usage.usage == 4096
+    assert stats.memory_stats.usage.max_usage == 8192
+    assert stats.memory_stats.usage.limit == cgroups.UNLIMITED
+    assert stats.memory_stats.usage.failcnt == 3
+    assert stats.memory_stats.cache == 2048
+    assert dict(stats.memory_stats.stats) == {"anon": 1024, "file": 2048, "kernel": 100}
+    assert (stats.pids_stats.current, stats.pids_stats.limit) == (3, 100)
+    assert [(e.op, e.value) for e in stats.blkio_stats.io_service_bytes_recursive] == [
+        ("Read", 10),
+        ("Write", 20),
+    ]
+    assert "2MB" in stats.hugetlb_stats
+    assert cgroups.oom_kills(str(tmp_path)) == 2
+    assert cgroups.read_procs(str(tmp_path)) == [12, 34]
+    assert cgroups.is_frozen(str(tmp_path))
+    # A cgroup with no files at all: zeros, no error.
+    empty = cgroups.read_stats(str(tmp_path / "none"))
+    assert empty.cpu_stats.cpu_usage.total_usage == 0
+    assert empty.memory_stats.usage.usage == 0
+    assert not empty.memory_stats.stats
+    assert not empty.hugetlb_stats
+
+
+@pytest.mark.parametrize(
+    ("path", "expected"),
+    [("/kata-py/c1", "/cg/kata-py/c1"), ("kubepods/p/c", "/cg/kubepods/p/c"), ("/a/../b", "/cg/b")],
+)
+def test_cgroup_dir(path: str, expected: str) -> None:
+    assert cgroups.cgroup_dir("/cg", path) == expected
+
+
+@pytest.mark.parametrize("path", ["/", "", "/.."])
+def test_cgroup_dir_refuses_the_root(path: str) -> None:
+    with pytest.raises(InvalidArgument):
+        cgroups.cgroup_dir("/cg", path)
