@@ -1,0 +1,320 @@
+"""The guest agent: startup, composition of the services, and the serve loop.
+
+Startup (only in the guest: PID 1, ``--guest-setup``, or started by the guest
+init; never when tests build the agent on the host):
+  1. logging to /dev/console (else stderr), every line prefixed ``kata-py-agent``;
+  2. options from ``kata_py.*`` on /proc/cmdline, then the command line;
+  3. ``system.guest_setup``: modules from /etc/kata-py/modules, ``lo`` up,
+     /dev/virtio-ports links, the ``kataShared`` virtio-fs mount, child subreaper;
+  4. the channel (serial port or vsock); once served, one line
+     ``KATA_PY_AGENT_READY uptime=<s>``.
+Only a channel that cannot be opened is fatal (exit status 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+
+from shimv2.guest import channel as ch
+from shimv2.guest.health import HealthService
+from shimv2.guest.network import CommandRunner, IpCommand, NetworkService
+from shimv2.guest.system import MODULES_LIST, GuestOS, SandboxService, guest_setup
+from shimv2.pb.kata import agent_pb2, health_pb2
+from shimv2.ttrpc import Method, Server, Service
+
+log = logging.getLogger("shimv2.guest")
+
+AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
+LOG_PREFIX = "kata-py-agent"
+READY_LINE = "KATA_PY_AGENT_READY"
+CHANNELS = ("auto", "serial", "vsock")
+DEFAULT_STATE_DIR = "/run/kata-py/containers"
+
+
+@dataclass
+class Options:
+    channel: str = "auto"
+    port: str | None = None  # the serial port's device; found via /sys when None
+    vsock_port: int = ch.VSOCK_PORT
+    port_wait: float = 10.0  # seconds to wait for the serial port's device to appear
+    runtime: str = "crun"
+    debug: bool = False
+    guest_setup: bool = False
+    state_dir: str = DEFAULT_STATE_DIR
+
+
+def parse_cmdline(text: str) -> dict[str, str]:
+    """``kata_py.NAME=VALUE`` words of a kernel command line (``kata_py.NAME`` means 1)."""
+    found = {}
+    for word in text.split():
+        if word.startswith("kata_py."):
+            key, _, value = word[len("kata_py.") :].partition("=")
+            if key:
+                found[key] = value if _ else "1"
+    return found
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and value.lower() in ("1", "true", "yes", "on")
+
+
+def parse_options(
+    argv: Sequence[str],
+    cmdline: str = "",
+    *,
+    pid: int | None = None,
+    ppid: int | None = None,
+    modules_list: str = MODULES_LIST,
+) -> Options:
+    """Kernel command line first, then ``argv`` overrides it."""
+    kv = parse_cmdline(cmdline)
+    opts = Options()
+    if kv.get("channel") in CHANNELS:
+        opts.channel = kv["channel"]
+    elif "channel" in kv:
+        log.warning("ignoring kata_py.channel=%s (want one of %s)", kv["channel"], CHANNELS)
+    opts.port = kv.get("port") or None
+    if kv.get("vsock_port", "").isdigit():
+        opts.vsock_port = int(kv["vsock_port"])
+    if kv.get("runtime") in ("crun", "runc"):
+        opts.runtime = kv["runtime"]
+    opts.debug = _truthy(kv.get("debug"))
+    pid = os.getpid() if pid is None else pid
+    ppid = os.getppid() if ppid is None else ppid
+    # PID 1, or a child of the guest's own init (only the guest image has the module list).
+    opts.guest_setup = (
+        pid == 1 or _truthy(kv.get("guest_setup")) or (ppid == 1 and os.path.exists(modules_list))
+    )
+
+    parser = argparse.ArgumentParser(prog="python -m shimv2.guest")
+    parser.add_argument("--channel", choices=CHANNELS)
+    parser.add_argument("--port")
+    parser.add_argument("--vsock-port", type=int)
+    parser.add_argument("--runtime", choices=("crun", "runc"))
+    parser.add_argument("--debug", action="store_true", default=None)
+    parser.add_argument("--state-dir")
+    setup = parser.add_mutually_exclusive_group()
+    setup.add_argument("--guest-setup", action="store_true", default=None)
+    setup.add_argument("--no-guest-setup", dest="guest_setup", action="store_false")
+    args = parser.parse_args(list(argv))
+    for name in ("channel", "port", "vsock_port", "runtime", "debug", "guest_setup", "state_dir"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(opts, name, value)
+    return opts
+
+
+def make_reaper() -> Any | None:
+    """The child reaper of ``shimv2.guest.process``, or None (logged) when missing."""
+    try:
+        return importlib.import_module("shimv2.guest.process").Reaper()
+    except Exception:
+        log.exception("no child reaper: cannot import shimv2.guest.process")
+        return None
+
+
+def reaper_runner(reaper: Any) -> CommandRunner:
+    """Run commands through the reaper: its ``waitpid(-1)`` owns every child of ours."""
+
+    async def run(argv: Sequence[str], timeout: float) -> tuple[int, bytes, bytes]:
+        result: tuple[int, bytes, bytes] = await reaper.run_command(argv, timeout=timeout)
+        return result
+
+    return run
+
+
+def load_container_service(options: Options, reaper: Any | None) -> Any | None:
+    """The container rpcs' implementation, or None (logged) when it cannot be built.
+
+    Imported by name so that the rest of the agent serves even while that module
+    is missing or broken.
+    """
+    try:
+        containers = importlib.import_module("shimv2.guest.containers")
+        runtime_mod = importlib.import_module("shimv2.guest.runtime")
+    except Exception:
+        log.exception("container service unavailable: cannot import it")
+        return None
+    try:
+        runtime = runtime_mod.Runtime(options.runtime, reaper=reaper)
+        return containers.ContainerService(runtime, options.state_dir)
+    except Exception:
+        log.exception("container service unavailable: cannot build it")
+        return None
+
+
+def _destroy_callback(containers: Any | None) -> Callable[[], Any] | None:
+    """DestroySandbox asks the container service to remove every container."""
+    for name in ("remove_all", "destroy_all", "shutdown"):
+        fn = getattr(containers, name, None)
+        if fn is not None:
+            return fn  # type: ignore[no-any-return]
+    return None
+
+
+def agent_service(*impls: object) -> Service:
+    """One ``grpc.AgentService`` from several objects' same-named rpc methods."""
+    methods: dict[str, Method] = {}
+    for impl in impls:
+        methods.update(Service.from_descriptor(AGENT_SERVICE, impl).methods)
+    return Service(AGENT_SERVICE.full_name, methods)
+
+
+@dataclass
+class Agent:
+    server: Server
+    sandbox: SandboxService
+    network: NetworkService
+    containers: Any | None
+    reaper: Any | None
+
+
+def build_agent(
+    options: Options,
+    *,
+    guest: GuestOS | None = None,
+    ip: IpCommand | None = None,
+    containers: Any | None = None,
+    load_containers: bool = True,
+    reaper: Any | None = None,
+) -> Agent:
+    """Compose the services into one server. Touches nothing on the machine.
+
+    ``reaper`` (``process.Reaper``) must be running before any rpc spawns a process.
+    """
+    if containers is None and load_containers:
+        containers = load_container_service(options, reaper)
+    sandbox = SandboxService(
+        guest or GuestOS(),
+        init_daemon=os.getpid() == 1,
+        on_destroy=_destroy_callback(containers),
+    )
+    network = NetworkService(ip)
+    impls: list[object] = [sandbox, network]
+    if containers is not None:
+        impls.append(containers)
+    server = Server(
+        [Service.from_descriptor(HEALTH_SERVICE, HealthService()), agent_service(*impls)],
+        peer_check=lambda peer: True,  # the channel's only peer is the host's shim
+    )
+    return Agent(server, sandbox, network, containers, reaper)
+
+
+def uptime() -> str:
+    try:
+        return Path("/proc/uptime").read_text().split()[0]
+    except (OSError, IndexError):
+        return "?"
+
+
+async def serve_channel(
+    server: Server,
+    options: Options,
+    *,
+    on_ready: Callable[[str], None],
+    dev: Path = Path("/dev"),
+    sys_ports: Path = Path("/sys/class/virtio-ports"),
+) -> None:
+    """Open the channel the options ask for and serve it forever.
+
+    Error handling: ``ChannelError`` when no channel can be opened.
+    """
+    vsock_dev = dev / "vsock"
+    port: Path | None = Path(options.port) if options.port else None
+    if options.channel != "vsock" and port is None:
+        # Virtio ports can appear a little after their module loaded.
+        wait = options.port_wait
+        if options.channel == "auto" and vsock_dev.exists():
+            wait = min(wait, 1.0)
+        port = await ch.wait_for_serial_port(wait, dev=dev, sys_ports=sys_ports)
+    if options.channel == "serial" or (options.channel == "auto" and port is not None):
+        if port is None:
+            raise ch.ChannelError(f"no virtio-serial port {ch.AGENT_PORT_NAME}")
+        fd = ch.open_port(port)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(ch.serve_port, server, fd)
+                on_ready(f"serial:{port}")
+        finally:
+            os.close(fd)
+        return
+    if options.channel == "auto" and not vsock_dev.exists():
+        raise ch.ChannelError(f"neither a virtio-serial port {ch.AGENT_PORT_NAME} nor {vsock_dev}")
+    listener = ch.open_vsock_listener(options.vsock_port)
+    with listener:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ch.serve_listener, server, listener)
+            on_ready(f"vsock:{options.vsock_port}")
+
+
+def setup_logging(debug: bool, in_guest: bool) -> TextIO:
+    """Log lines to the console (the guest's serial console) or stderr; return the stream."""
+    stream: TextIO = sys.stderr
+    if in_guest:
+        try:
+            stream = open("/dev/console", "w", buffering=1)  # noqa: SIM115 - lives as long as we do
+        except OSError:
+            stream = sys.stderr
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter(f"{LOG_PREFIX}: %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    return stream
+
+
+async def run(options: Options, out: TextIO) -> None:
+    if options.guest_setup:
+        with trio.fail_after(30):  # every step is bounded; this bounds them all
+            report = await trio.to_thread.run_sync(guest_setup, GuestOS())
+        log.info(
+            "guest setup: %d modules, lo up=%s, ports=%s, shared=%s, subreaper=%s",
+            report.modules, report.lo_up, report.ports, report.shared, report.subreaper,
+        )  # fmt: skip
+    reaper = make_reaper()
+    ip = IpCommand(runner=reaper_runner(reaper)) if reaper is not None else None
+    agent = build_agent(options, ip=ip, reaper=reaper)
+
+    def ready(where: str) -> None:
+        log.info("serving on %s", where)
+        print(f"{READY_LINE} uptime={uptime()}", file=out, flush=True)
+
+    async with trio.open_nursery() as nursery:
+        # The reaper (waitpid(-1)) must run before any rpc spawns a process; the container
+        # service runs it with its own background tasks.
+        containers_run = getattr(agent.containers, "run", None)
+        if containers_run is not None:
+            await nursery.start(containers_run)
+        elif reaper is not None:
+            await nursery.start(reaper.run)
+        await serve_channel(agent.server, options, on_ready=ready)
+        nursery.cancel_scope.cancel()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        cmdline = Path("/proc/cmdline").read_text()
+    except OSError:
+        cmdline = ""
+    options = parse_options(sys.argv[1:] if argv is None else argv, cmdline)
+    out = setup_logging(options.debug, options.guest_setup)
+    log.info("starting (pid %d, options %s)", os.getpid(), options)
+    try:
+        trio.run(run, options, out)
+    except ch.ChannelError as exc:
+        log.error("no channel to the host: %s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0

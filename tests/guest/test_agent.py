@@ -1,0 +1,283 @@
+"""The whole agent server (no guest setup) over a socketpair and over the pty channel."""
+
+from __future__ import annotations
+
+import os
+import pty
+import socket
+import subprocess
+import sys
+import tty
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+from google.protobuf.empty_pb2 import Empty
+
+from shimv2.errdefs import AlreadyExists, Code, NotFound, Unimplemented
+from shimv2.guest import agent as agent_mod
+from shimv2.guest import channel as ch
+from shimv2.guest.agent import Agent, Options, build_agent, parse_cmdline, parse_options
+from shimv2.guest.system import AGENT_VERSION
+from shimv2.guest.testing import FakeGuestOS, fake_sysfs
+from shimv2.pb.kata import agent_pb2, health_pb2
+from shimv2.ttrpc import Client, FdTransport, SocketTransport
+from shimv2.ttrpc._codec import NEED_DATA, Connection, ResponseReceived, Role
+
+AGENT = "grpc.AgentService"
+HEALTH = "grpc.Health"
+
+
+def make_agent(**kw: object) -> Agent:
+    return build_agent(Options(), guest=FakeGuestOS(fake_sysfs()), load_containers=False, **kw)  # type: ignore[arg-type]
+
+
+@asynccontextmanager
+async def connected(agent: Agent) -> AsyncIterator[tuple[Client, socket.socket]]:
+    """A client on one end of a socketpair, the agent serving the other; also the raw socket."""
+    ours, theirs = socket.socketpair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.server.serve_transport, SocketTransport(theirs))
+        client = Client(SocketTransport(ours))
+        nursery.start_soon(client.receive_loop)
+        try:
+            yield client, ours
+        finally:
+            nursery.cancel_scope.cancel()
+            await client.aclose()
+
+
+async def test_health_and_version() -> None:
+    async with connected(make_agent()) as (client, _):
+        check = await client.call(
+            HEALTH, "Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse
+        )
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        version = await client.call(
+            HEALTH, "Version", health_pb2.CheckRequest(), health_pb2.VersionCheckResponse
+        )
+        assert version.agent_version == AGENT_VERSION
+        assert version.grpc_version
+
+
+async def test_guest_details_and_unknown_methods() -> None:
+    async with connected(make_agent()) as (client, _):
+        details = await client.call(
+            AGENT,
+            "GetGuestDetails",
+            agent_pb2.GuestDetailsRequest(mem_block_size=True),
+            agent_pb2.GuestDetailsResponse,
+        )
+        assert details.agent_details.version == AGENT_VERSION
+        assert details.mem_block_size_bytes == 0x8000000
+        for service, method in ((AGENT, "GetMetrics"), (AGENT, "Nope"), ("grpc.Nope", "Check")):
+            with pytest.raises(Unimplemented) as info:
+                await client.call(service, method, Empty(), Empty)
+            assert int(info.value.code) == 12
+
+
+async def test_create_sandbox_twice_is_already_exists() -> None:
+    agent = make_agent()
+    req = agent_pb2.CreateSandboxRequest(sandbox_id="sb", hostname="h")
+    async with connected(agent) as (client, _):
+        await client.call(AGENT, "CreateSandbox", req, Empty)
+        with pytest.raises(AlreadyExists):
+            await client.call(AGENT, "CreateSandbox", req, Empty)
+    assert agent.sandbox.sandbox_id == "sb"
+
+
+async def _raw_call(sock: socket.socket, codec: Connection, frame: bytes) -> ResponseReceived:
+    await trio.to_thread.run_sync(sock.sendall, frame)
+    while True:
+        event = codec.next_event()
+        if event is NEED_DATA:
+            codec.receive_data(await trio.to_thread.run_sync(sock.recv, 65536))
+        else:
+            assert isinstance(event, ResponseReceived), event
+            return event
+
+
+async def test_bad_input_gets_a_clean_error_and_the_agent_keeps_serving() -> None:
+    agent = make_agent()
+    ours, theirs = socket.socketpair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.server.serve_transport, SocketTransport(theirs))
+        codec = Connection(Role.CLIENT)
+        # An undecodable payload: INVALID_ARGUMENT for that call only.
+        _, frame = codec.send_request(AGENT, "CreateSandbox", b"\xff\xff\xff")
+        resp = await _raw_call(ours, codec, frame)
+        assert resp.response.status.code == Code.INVALID_ARGUMENT
+        # A frame larger than the cap: RESOURCE_EXHAUSTED, its payload skipped.
+        await trio.to_thread.run_sync(ours.sendall, b"\xff\xff\xff\xff\x00\x00\x00\x63\x01\x00")
+        # The same connection still serves (the huge frame's payload never comes: a new
+        # connection shows the agent is fine).
+        ours.close()
+        async with connected(agent) as (client, _):
+            check = await client.call(
+                HEALTH, "Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse
+            )
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+        nursery.cancel_scope.cancel()
+
+
+async def test_undecodable_then_valid_on_one_connection() -> None:
+    agent = make_agent()
+    ours, theirs = socket.socketpair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.server.serve_transport, SocketTransport(theirs))
+        codec = Connection(Role.CLIENT)
+        _, frame = codec.send_request(HEALTH, "Check", b"\x0a\xff")  # truncated string field
+        assert (await _raw_call(ours, codec, frame)).response.status.code == Code.INVALID_ARGUMENT
+        _, frame = codec.send_request(HEALTH, "Check", b"")
+        resp = await _raw_call(ours, codec, frame)
+        assert resp.response.status.code == 0
+        check = health_pb2.HealthCheckResponse.FromString(resp.response.payload)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        ours.close()
+        nursery.cancel_scope.cancel()
+
+
+async def test_serve_channel_on_a_serial_port(tmp_path: Path, nursery: trio.Nursery) -> None:
+    # The agent opens the pty's slave as its port; the master plays the host.
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    ready: list[str] = []
+    is_ready = trio.Event()
+
+    def on_ready(where: str) -> None:
+        ready.append(where)
+        is_ready.set()
+
+    agent = make_agent()
+    opts = Options(channel="serial", port=os.ttyname(slave))
+    nursery.start_soon(
+        lambda: agent_mod.serve_channel(agent.server, opts, on_ready=on_ready, dev=tmp_path)
+    )
+    with trio.fail_after(5):
+        await is_ready.wait()
+    assert ready == [f"serial:{opts.port}"]
+    client = Client(FdTransport(master))
+    async with trio.open_nursery() as inner:
+        inner.start_soon(client.receive_loop)
+        with trio.fail_after(5):
+            check = await client.call(
+                HEALTH, "Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse
+            )
+        assert check.status == health_pb2.HealthCheckResponse.SERVING
+        inner.cancel_scope.cancel()
+    await client.aclose()
+    os.close(slave)
+    nursery.cancel_scope.cancel()
+
+
+async def test_serve_channel_without_any_channel_fails(tmp_path: Path) -> None:
+    opts = Options(channel="auto", port_wait=0.2)
+    with pytest.raises(ch.ChannelError), trio.fail_after(20):
+        await agent_mod.serve_channel(
+            make_agent().server, opts, on_ready=lambda _: None, dev=tmp_path, sys_ports=tmp_path
+        )
+    with pytest.raises(ch.ChannelError):
+        await agent_mod.serve_channel(
+            make_agent().server,
+            Options(channel="serial", port=str(tmp_path / "none")),
+            on_ready=lambda _: None,
+        )
+
+
+def test_options_from_cmdline_and_argv(tmp_path: Path) -> None:
+    cmdline = "console=ttyS0 kata_py.channel=vsock kata_py.runtime=runc kata_py.debug kata_py.x="
+    assert parse_cmdline(cmdline) == {"channel": "vsock", "runtime": "runc", "debug": "1", "x": ""}
+    missing = str(tmp_path / "modules")
+    opts = parse_options([], cmdline, pid=42, ppid=7, modules_list=missing)
+    assert (opts.channel, opts.runtime, opts.debug, opts.guest_setup) == (
+        "vsock",
+        "runc",
+        True,
+        False,
+    )
+    assert parse_options([], "", pid=1, ppid=0, modules_list=missing).guest_setup
+    assert not parse_options([], "", pid=5, ppid=1, modules_list=missing).guest_setup
+    Path(missing).touch()  # the guest image's module list: started by the guest's init
+    assert parse_options([], "", pid=5, ppid=1, modules_list=missing).guest_setup
+    opts = parse_options(
+        ["--no-guest-setup", "--channel", "serial", "--port", "/dev/x"], "", pid=1, ppid=0
+    )
+    assert (opts.guest_setup, opts.channel, opts.port) == (False, "serial", "/dev/x")
+    assert parse_options(["--guest-setup"], "", pid=9, ppid=8).guest_setup
+    assert parse_options([], "kata_py.channel=bogus", pid=9, ppid=8).channel == "auto"
+
+
+async def test_containers_are_composed_and_destroy_calls_back() -> None:
+    removed: list[str] = []
+
+    class Containers:
+        async def CreateContainer(
+            self, ctx: object, req: agent_pb2.CreateContainerRequest
+        ) -> Empty:
+            return Empty()
+
+        async def remove_all(self) -> None:
+            removed.append("all")
+
+    agent = build_agent(Options(), guest=FakeGuestOS(), containers=Containers())
+    async with connected(agent) as (client, _):
+        await client.call(
+            AGENT, "CreateContainer", agent_pb2.CreateContainerRequest(container_id="c"), Empty
+        )
+        await client.call(
+            AGENT, "CreateSandbox", agent_pb2.CreateSandboxRequest(sandbox_id="s"), Empty
+        )
+        await client.call(AGENT, "DestroySandbox", agent_pb2.DestroySandboxRequest(), Empty)
+    assert removed == ["all"]
+
+
+def test_the_real_container_service_loads_or_is_skipped() -> None:
+    # Whatever state shimv2.guest.containers is in, building the agent never fails.
+    agent = build_agent(Options(state_dir="/nonexistent/kata-py-test"), guest=FakeGuestOS())
+    assert agent.server.lookup(AGENT, "CreateSandbox") is not None
+
+
+async def test_agent_process_serves_a_pty_port(tmp_path: Path) -> None:
+    """``python -m shimv2.guest`` as a process, on the host (no guest setup), through main()."""
+    master, slave = pty.openpty()
+    tty.setraw(slave)
+    port = os.ttyname(slave)
+    argv = [
+        sys.executable, "-m", "shimv2.guest", "--no-guest-setup", "--channel", "serial",
+        "--port", port, "--state-dir", str(tmp_path / "state"),
+    ]  # fmt: skip
+    async with trio.open_nursery() as nursery:
+        proc = await nursery.start(
+            partial(trio.run_process, argv, stderr=subprocess.PIPE, check=False)
+        )
+        assert proc.stderr is not None
+        seen = b""
+        with trio.fail_after(20):
+            while b"KATA_PY_AGENT_READY uptime=" not in seen:
+                chunk = await proc.stderr.receive_some()
+                assert chunk, seen
+                seen += chunk
+        assert b"kata-py-agent: INFO" in seen
+        client = Client(FdTransport(master))
+        async with trio.open_nursery() as inner:
+            inner.start_soon(client.receive_loop)
+            with trio.fail_after(10):
+                check = await client.call(
+                    HEALTH, "Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse
+                )
+                assert check.status == health_pb2.HealthCheckResponse.SERVING
+                # Served by the real container service: an unknown container is NotFound.
+                with pytest.raises(NotFound):
+                    await client.call(
+                        AGENT,
+                        "StartContainer",
+                        agent_pb2.StartContainerRequest(container_id="nope"),
+                        Empty,
+                    )
+            inner.cancel_scope.cancel()
+        await client.aclose()
+        proc.terminate()
+    os.close(slave)
