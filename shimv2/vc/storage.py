@@ -34,6 +34,18 @@ class RootfsMount:
     options: tuple[str, ...] = ()
 
 
+def is_mountpoint(path: str | Path) -> bool:
+    """From the mount table: ``os.path.ismount`` misses same-filesystem bind mounts."""
+    target = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            # Field 5 is the mount point, with spaces and such octal-escaped.
+            point = line.split(" ", 5)[4].encode().decode("unicode_escape")
+            if point == target:
+                return True
+    return False
+
+
 def host_rootfs(shared_dir: str | Path, cid: str) -> Path:
     return Path(shared_dir) / container_id(cid) / "rootfs"
 
@@ -97,7 +109,7 @@ async def unmount_all(points: Sequence[str]) -> list[str]:
     """Unmount recorded points, newest first; returns what could not be undone."""
     failed: list[str] = []
     for point in reversed(points):
-        if not os.path.ismount(point):
+        if not is_mountpoint(point):
             continue
         proc = await trio.run_process(
             ["umount", "-R", point], capture_stdout=True, capture_stderr=True, check=False
@@ -120,7 +132,7 @@ def remove_container_dir(shared_dir: str | Path, cid: str) -> None:
         return
     for root, dirs, _files in os.walk(top, topdown=True):
         for d in dirs:
-            if os.path.ismount(os.path.join(root, d)):
+            if is_mountpoint(os.path.join(root, d)):
                 raise Internal(f"{os.path.join(root, d)} is still mounted")
     for root, dirs, files in os.walk(top, topdown=False):
         for f in files:

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +9,7 @@ from shimv2.vc.storage import (
     RootfsMount,
     guest_rootfs,
     host_rootfs,
+    is_mountpoint,
     mount_rootfs,
     remove_container_dir,
     unmount_all,
@@ -35,7 +35,7 @@ async def test_overlay_rootfs_mounted_recorded_and_removed(tmp_path: Path) -> No
     try:
         assert target == host_rootfs(shared, "c1")
         assert record == [str(target)]
-        assert os.path.ismount(target)
+        assert is_mountpoint(target)
         assert (target / "hello").read_text() == "from lower"
         (target / "new").write_text("x")
         assert (tmp_path / "upper" / "new").exists()
@@ -44,7 +44,7 @@ async def test_overlay_rootfs_mounted_recorded_and_removed(tmp_path: Path) -> No
         assert (tmp_path / "lower" / "hello").exists()  # nothing deleted through the mount
     finally:
         assert await unmount_all(record) == []
-    assert not os.path.ismount(target)
+    assert not is_mountpoint(target)
     remove_container_dir(shared, "c1")
     assert not (shared / "c1").exists()
     assert guest_rootfs("c1") == "/run/kata-containers/shared/containers/c1/rootfs"
@@ -60,7 +60,7 @@ async def test_bundle_rootfs_is_bound_when_no_mounts(tmp_path: Path) -> None:
         assert (target / "bin").is_dir()
     finally:
         await unmount_all(record)
-    assert not os.path.ismount(target)
+    assert not is_mountpoint(target)
 
 
 @pytest.mark.parametrize(
