@@ -18,7 +18,7 @@ import trio
 from google.protobuf.empty_pb2 import Empty
 
 from shimv2 import errdefs
-from shimv2.pb.kata import agent_pb2, health_pb2
+from shimv2.pb.kata import agent_pb2, health_pb2, oci_pb2
 from shimv2.vc.agent import AgentClient, connect_agent
 from shimv2.vc.qemu import Qemu, QemuConfig, default_guest_dir
 from shimv2.vc.storage import GUEST_SHARED
@@ -240,3 +240,23 @@ async def test_a_new_host_connection_gets_a_fresh_channel(guest: Guest) -> None:
             "GetGuestDetails", agent_pb2.GuestDetailsRequest(), agent_pb2.GuestDetailsResponse
         )
         assert details.agent_details.version
+
+
+async def test_oom_is_reported(guest: Guest) -> None:
+    # Run from a tmpfs: with no swap nothing can be reclaimed, so the limit
+    # ends in the OOM killer instead of endless re-reading of busybox from virtio-fs.
+    hog = "exec /tmp/busybox head -c 60000000 /dev/zero > /tmp/fill"
+    script = f"/bin/busybox cp /bin/busybox /tmp/busybox && exec /tmp/busybox sh -c '{hog}'"
+    spec = make_spec(_rootfs(guest, "hog"), ["sh", "-c", script])
+    spec.Mounts.append(oci_pb2.Mount(destination="/tmp", type="tmpfs", source="tmpfs"))
+    spec.Linux.Resources.Memory.Limit = 16 << 20
+    request = agent_pb2.CreateContainerRequest(container_id="hog", exec_id="hog", OCI=spec)
+    await guest.agent.call("CreateContainer", request, Empty)
+    await _start(guest, "hog")
+    with trio.fail_after(60):
+        assert await _wait(guest, "hog") == 137
+        event = await guest.agent.call(
+            "GetOOMEvent", agent_pb2.GetOOMEventRequest(), agent_pb2.OOMEvent
+        )
+    assert event.container_id == "hog"
+    await _remove(guest, "hog")
