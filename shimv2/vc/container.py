@@ -240,6 +240,44 @@ class Container:
             raise NotFound(f"exec {exec_id} not found in container {self.id}")
         return await ex.wait()
 
+    async def signal_process(self, exec_id: str, signal: int) -> None:
+        """Signal one process: ``exec_id`` "" is the init."""
+        if exec_id:
+            check_id(exec_id, "exec id")
+        request = agent_pb2.SignalProcessRequest(
+            container_id=self.id, exec_id=exec_id, signal=signal
+        )
+        await self.sandbox.agent.call("SignalProcess", request, Empty)
+
+    # -- stdio (exec_id "" is the init) -------------------------------------------
+
+    async def read_stdout(self, exec_id: str, max_bytes: int = 65536) -> bytes:
+        """Up to ``max_bytes`` of output; b"" at end of stream."""
+        return await self._read("ReadStdout", exec_id, max_bytes)
+
+    async def read_stderr(self, exec_id: str, max_bytes: int = 65536) -> bytes:
+        return await self._read("ReadStderr", exec_id, max_bytes)
+
+    async def _read(self, rpc: str, exec_id: str, max_bytes: int) -> bytes:
+        request = agent_pb2.ReadStreamRequest(container_id=self.id, exec_id=exec_id, len=max_bytes)
+        reply = await self.sandbox.agent.call(rpc, request, agent_pb2.ReadStreamResponse)
+        return reply.data
+
+    async def write_stdin(self, exec_id: str, data: bytes) -> int:
+        request = agent_pb2.WriteStreamRequest(container_id=self.id, exec_id=exec_id, data=data)
+        reply = await self.sandbox.agent.call("WriteStdin", request, agent_pb2.WriteStreamResponse)
+        return reply.len
+
+    async def close_stdin(self, exec_id: str) -> None:
+        request = agent_pb2.CloseStdinRequest(container_id=self.id, exec_id=exec_id)
+        await self.sandbox.agent.call("CloseStdin", request, Empty)
+
+    async def resize(self, exec_id: str, rows: int, columns: int) -> None:
+        request = agent_pb2.TtyWinResizeRequest(
+            container_id=self.id, exec_id=exec_id, row=rows, column=columns
+        )
+        await self.sandbox.agent.call("TtyWinResize", request, Empty)
+
     async def process_list(self, fmt: str = "json", args: tuple[str, ...] = ()) -> bytes:
         self._require("running", "paused", verb="list processes of")
         request = agent_pb2.ListProcessesRequest(container_id=self.id, format=fmt, args=list(args))
