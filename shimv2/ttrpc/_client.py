@@ -180,15 +180,25 @@ class Client:
 
 @asynccontextmanager
 async def open_client(stream: trio.abc.Stream) -> AsyncIterator[Client]:
+    """A client whose reader runs until the block ends.
+
+    Errors: whatever the block raises comes out as itself, not wrapped in an
+    exception group (the reader never raises, so the block's error is alone).
+    """
     client = Client(transport_for(stream))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.receive_loop)
-        try:
-            yield client
-        finally:
-            nursery.cancel_scope.cancel()
-            with trio.CancelScope(shield=True):
-                await client.aclose()
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.receive_loop)
+            try:
+                yield client
+            finally:
+                nursery.cancel_scope.cancel()
+                with trio.CancelScope(shield=True):
+                    await client.aclose()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from group.exceptions[0].__cause__
+        raise
 
 
 @asynccontextmanager

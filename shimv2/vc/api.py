@@ -54,6 +54,11 @@ class VirtContainers:
 
     @contextlib.asynccontextmanager
     async def _verb(self, name: str, **ids: str) -> AsyncIterator[None]:
+        """Every public verb: ids checked before anything else, one span."""
+        if "sandbox" in ids:
+            sandbox_id(ids["sandbox"])
+        if "container" in ids:
+            container_id(ids["container"])
         with self.tracer.span(name, ids):
             yield
 
@@ -166,6 +171,9 @@ class VirtContainers:
         sandbox.vm = vm
         sandbox.spawn(sandbox._watch_vm)
         await sandbox.connect_agent(self.config.agent.dial_timeout)
+        for c in sandbox.containers.values():
+            if c.state.state in ("running", "paused"):
+                sandbox.spawn(c.watch_init)  # the previous owner's watchers died with it
 
     async def status_sandbox(self, sid: str) -> SandboxStatus:
         async with self._verb("StatusSandbox", sandbox=sid):
@@ -213,6 +221,7 @@ class VirtContainers:
             state = self.store.load(sid)
             await kill_recorded(state)
             sandbox = Sandbox(self.store, self.config, state, self._nursery)
+            await sandbox.release_network()
             sandbox.vm_gone = True
             sandbox.state.state = "stopped"
             await sandbox.delete()

@@ -119,9 +119,9 @@ class Container:
             raise
         self.state.state = "running"
         self.sandbox.save()
-        self.sandbox.spawn(self._watch_init)
+        self.sandbox.spawn(self.watch_init)
 
-    async def _watch_init(self) -> None:
+    async def watch_init(self) -> None:
         request = agent_pb2.WaitProcessRequest(container_id=self.id, exec_id="")
         try:
             reply = await self.sandbox.agent.call(

@@ -29,6 +29,7 @@ class Child:
         *,
         stdout: int | None = subprocess.DEVNULL,
         stderr: int | None = subprocess.DEVNULL,
+        pass_fds: Sequence[int] = (),
     ) -> Child:
         proc = await trio.lowlevel.open_process(
             list(argv),
@@ -36,6 +37,7 @@ class Child:
             stdout=stdout,
             stderr=stderr,
             start_new_session=True,
+            pass_fds=tuple(pass_fds),
         )
         log.debug("%s started, pid %d: %s", name, proc.pid, " ".join(argv))
         return cls(name, proc)
@@ -88,13 +90,24 @@ class Adopted:
         self.pid = pid
         self._fd = os.pidfd_open(pid)
         self.returncode: int | None = None
+        self._watching = False
+        self._exited = trio.Event()
 
     async def wait(self) -> int:
-        if self.returncode is None:
-            await trio.lowlevel.wait_readable(self._fd)
+        # One task polls the pidfd (trio allows one waiter per fd); others wait on it.
+        if not self._watching:
+            self._watching = True
+            try:
+                await trio.lowlevel.wait_readable(self._fd)
+            except BaseException:
+                self._watching = False  # cancelled: let the next waiter poll
+                raise
             # Not our child: its status is not ours to read.
             self.returncode = -1
             os.close(self._fd)
+            self._exited.set()
+        await self._exited.wait()
+        assert self.returncode is not None
         return self.returncode
 
     async def stop(self, grace: float = 3.0) -> int:

@@ -73,6 +73,9 @@ class QemuConfig:
     shared_dir: str | None = None
     virtiofsd: str = VIRTIOFSD
     agent_channel: str = "auto"  # serial | vsock | auto (vsock where the host has it)
+    # Devices known only at launch (network taps): arguments and the fds they name.
+    extra_args: tuple[str, ...] = ()
+    pass_fds: tuple[int, ...] = ()
 
     def validate(self) -> None:
         if self.machine not in ("microvm", "q35"):
@@ -166,7 +169,9 @@ class Qemu:
             ):
                 self._vsock_cid = random.randrange(3, 1 << 31)
             with open(self.run_dir / "qemu.log", "ab") as qemu_log:
-                self._qemu = await Child.spawn("qemu", self.argv(), stderr=qemu_log.fileno())
+                self._qemu = await Child.spawn(
+                    "qemu", self.argv(), stderr=qemu_log.fileno(), pass_fds=self.config.pass_fds
+                )
             nursery.start_soon(self._watch, self._qemu)
             self._qmp = Qmp(self.vm_id)
             await self._connect_qmp()
@@ -290,7 +295,7 @@ class Qemu:
                 "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
                 "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
             ]  # fmt: skip
-        return argv
+        return [*argv, *cfg.extra_args]
 
     def _log_tail(self) -> str:
         try:

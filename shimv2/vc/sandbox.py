@@ -9,6 +9,7 @@ the caller lends; nothing outlives it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -20,8 +21,8 @@ import trio
 from google.protobuf.empty_pb2 import Empty
 
 from shimv2.errdefs import AlreadyExists, FailedPrecondition, NotFound, Unavailable
-from shimv2.pb.kata import agent_pb2
-from shimv2.vc import storage
+from shimv2.pb.kata import agent_pb2, types_pb2
+from shimv2.vc import network, storage
 from shimv2.vc.agent import AgentClient, connect_agent
 from shimv2.vc.config import Config, apply_annotations
 from shimv2.vc.container import VM_GONE_STATUS, Container, ContainerConfig, ContainerStatus
@@ -70,6 +71,8 @@ class Sandbox:
         }
         self.vm_gone = False
         self.vm_exited = trio.Event()
+        self.taps: list[network.TapAttachment] = []
+        self._releasing = False  # we are the ones stopping the VM
 
     @property
     def id(self) -> str:
@@ -112,11 +115,46 @@ class Sandbox:
         self.state.shared_dir = str(shared)
         self.state.vm_dir = str(self.store.vm_dir(self.id))
         qemu_config = config.hypervisor.qemu(str(shared))
-        self.vm = await factory.get_vm(self.id, qemu_config, Path(self.state.vm_dir), self._nursery)
+        if self.state.netns:
+            self.taps = await network.add_interfaces(self.state.netns)
+            self.state.taps = [f"{t.index}:{t.endpoint.name}" for t in self.taps]
+            self.save()  # recorded before anything can fail, for cleanup after a crash
+            args = [
+                arg
+                for t in self.taps
+                for arg in network.qemu_netdev_args(t, machine=qemu_config.machine)
+            ]
+            qemu_config = dataclasses.replace(
+                qemu_config, extra_args=tuple(args), pass_fds=tuple(t.fd for t in self.taps)
+            )
+        try:
+            self.vm = await factory.get_vm(
+                self.id, qemu_config, Path(self.state.vm_dir), self._nursery
+            )
+        finally:
+            for t in self.taps:
+                t.close()  # QEMU holds its own copies now
         self._record_vm(self.vm)
         self.save()
         self.spawn(self._watch_vm)
         await self.connect_agent(config.agent.dial_timeout)
+        await self._configure_guest_network()
+
+    async def _configure_guest_network(self) -> None:
+        """Give the guest the pod's addresses, routes and neighbours (matched by MAC)."""
+        for t in self.taps:
+            request = agent_pb2.UpdateInterfaceRequest(interface=t.endpoint.to_interface())
+            await self.agent.call("UpdateInterface", request, types_pb2.Interface)
+        routes = [r for t in self.taps for r in t.endpoint.to_routes()]
+        if routes:
+            request_routes = agent_pb2.UpdateRoutesRequest(routes=agent_pb2.Routes(Routes=routes))
+            await self.agent.call("UpdateRoutes", request_routes, agent_pb2.Routes)
+        neighbors = [n for t in self.taps for n in t.endpoint.to_neighbors()]
+        if neighbors:
+            arp = agent_pb2.AddARPNeighborsRequest(
+                neighbors=agent_pb2.ARPNeighbors(ARPNeighbors=neighbors)
+            )
+            await self.agent.call("AddARPNeighbors", arp, Empty)
 
     def _record_vm(self, vm: Qemu) -> None:
         endpoint = vm.agent_endpoint()
@@ -154,7 +192,7 @@ class Sandbox:
         status = await self.vm.wait_exited()
         self.vm_gone = True
         self.vm_exited.set()
-        if self.state.state != "stopped":
+        if not self._releasing:
             log.error("sandbox %s: VM exited (%d); every task exits with 255", self.id, status)
         for c in self.containers.values():
             c.mark_exited(VM_GONE_STATUS)
@@ -175,7 +213,7 @@ class Sandbox:
         cid = container_id(config.id)
         if cid in self.containers:
             raise AlreadyExists(f"container {cid} already exists in sandbox {self.id}")
-        if self.state.state not in ("ready", "running"):
+        if self.state.state not in ("creating", "ready", "running"):
             raise FailedPrecondition(f"sandbox {self.id} is {self.state.state}")
         cs = ContainerState(
             id=cid, bundle=config.bundle, state="creating", annotations=dict(config.annotations)
@@ -277,12 +315,27 @@ class Sandbox:
             log.warning("sandbox %s: forced stop despite %s", self.id, errors)
 
     async def release_vm(self) -> None:
+        self._releasing = True
         if self._agent_scope is not None:
             self._agent_scope.cancel()
         if self.vm is not None:
             await self.vm.shutdown()
         else:
             await kill_recorded(self.state)
+        await self.release_network()
+
+    async def release_network(self) -> None:
+        """Remove the taps and tc filters; from the state alone if needed."""
+        if not self.state.netns or not self.state.taps:
+            return
+        if self.taps:
+            await network.remove_interfaces(self.state.netns, self.taps)
+        else:
+            for entry in self.state.taps:
+                index, _, veth = entry.partition(":")
+                await trio.to_thread.run_sync(network.cleanup, self.state.netns, int(index), veth)
+        self.taps = []
+        self.state.taps = []
 
     async def delete(self) -> None:
         if self.state.state != "stopped":

@@ -1,0 +1,268 @@
+"""The virtcontainers verbs against real VMs (QEMU under TCG here), with leak checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from shimv2 import errdefs
+from shimv2.guest.oci import spec_to_json
+from shimv2.vc.api import VirtContainers
+from shimv2.vc.config import Config, RuntimeConfig
+from shimv2.vc.container import ContainerConfig
+from shimv2.vc.qemu import default_guest_dir
+from shimv2.vc.sandbox import SandboxConfig
+from tests.guest.rootfs import build_rootfs, make_spec
+from tests.leaks import vm_processes
+
+pytestmark = pytest.mark.vm
+
+GUEST_KERNEL = (default_guest_dir() / "kver").read_text().strip()
+
+
+def _mounts_under(path: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(path)]
+
+
+@pytest.fixture
+def state_dir() -> Any:
+    # Short: VM socket paths live under it and must stay under 108 bytes.
+    path = f"/run/kpy-{uuid.uuid4().hex[:8]}"
+    yield path
+    leaks = vm_processes(path) + vm_processes("kata-py-sb")
+    for leak in leaks:  # assert below, but never leave them to the next test
+        os.kill(int(leak.split(":")[0]), signal.SIGKILL)
+    mounts = _mounts_under(path)
+    for m in reversed(mounts):
+        subprocess.run(["umount", "-l", m], check=False)
+    assert leaks == []
+    assert mounts == []
+    assert not os.path.exists(f"{path}/sbs") or os.listdir(f"{path}/sbs") == []
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def vc(state_dir: str, nursery: trio.Nursery) -> AsyncIterator[VirtContainers]:
+    config = Config(runtime=RuntimeConfig(state_dir=state_dir))
+    yield VirtContainers(nursery, config)
+
+
+def container(tmp_path: Path, cid: str, args: list[str]) -> ContainerConfig:
+    bundle = tmp_path / f"bundle-{cid}"
+    build_rootfs(bundle / "rootfs")
+    spec = spec_to_json(make_spec("rootfs", args))
+    return ContainerConfig(id=cid, bundle=str(bundle), spec=spec)
+
+
+async def read_all(vc: VirtContainers, sid: str, cid: str, exec_id: str = "") -> bytes:
+    c = (await vc.fetch_sandbox(sid)).container(cid)
+    out = b""
+    while chunk := await c.read_stdout(exec_id):
+        out += chunk
+    return out
+
+
+def sid() -> str:
+    return f"sb{uuid.uuid4().hex[:8]}"
+
+
+async def test_sandbox_and_container_verbs(vc: VirtContainers, tmp_path: Path) -> None:
+    s = sid()
+    cfg = SandboxConfig(
+        id=s, containers=(container(tmp_path, "main", ["sh", "-c", "echo hi; sleep 1000"]),)
+    )
+    sandbox = await vc.run_sandbox(cfg)
+    assert (await vc.status_sandbox(s)).state == "running"
+    assert [x.id for x in await vc.list_sandbox()] == [s]
+    assert (await vc.status_container(s, "main")).state == "running"
+    c = sandbox.container("main")
+    assert await c.read_stdout("", 3) == b"hi\n"
+
+    # exec, its output and exit status
+    await vc.enter_container(
+        s, "main", "e1", {"args": ["uname", "-r"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
+    )
+    assert (await read_all(vc, s, "main", "e1")).decode().strip() == GUEST_KERNEL
+    assert await c.wait_exec("e1") == 0
+
+    assert b"sleep" in await vc.process_list_container(s, "main", "table")
+    stats = await vc.stats_container(s, "main")
+    assert stats.cgroup_stats.memory_stats.usage.usage > 0
+    await vc.update_container(s, "main", {"pids": {"limit": 100}})
+    await vc.pause_container(s, "main")
+    assert (await vc.status_container(s, "main")).state == "paused"
+    with pytest.raises(errdefs.FailedPrecondition):
+        await vc.pause_container(s, "main")
+    await vc.resume_container(s, "main")
+
+    # a second container joins the sandbox
+    second = container(tmp_path, "side", ["sh", "-c", "exit 7"])
+    await vc.create_container(s, second)
+    await vc.start_container(s, "side")
+    assert await sandbox.container("side").wait() == 7
+    assert (await vc.status_container(s, "side")).exit_status == 7
+    with pytest.raises(errdefs.FailedPrecondition):
+        await vc.delete_container(s, "main")  # still running
+    await vc.delete_container(s, "side")
+
+    await vc.kill_container(s, "main", signal.SIGKILL)
+    with trio.fail_after(20):
+        assert await c.wait() == 137
+    assert (await vc.status_container(s, "main")).state == "stopped"
+    await vc.delete_container(s, "main")
+
+    with pytest.raises(errdefs.FailedPrecondition):
+        await vc.delete_sandbox(s)  # not stopped
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)
+    assert await vc.list_sandbox() == []
+
+
+async def test_empty_and_bad_ids(vc: VirtContainers) -> None:
+    with pytest.raises(errdefs.InvalidArgument, match="need sandbox id"):
+        await vc.create_sandbox(SandboxConfig(id=""))
+    with pytest.raises(errdefs.InvalidArgument, match="need container id"):
+        await vc.status_container("x", "")
+    with pytest.raises(errdefs.InvalidArgument, match="invalid sandbox id"):
+        await vc.fetch_sandbox("../etc")
+    with pytest.raises(errdefs.NotFound):
+        await vc.fetch_sandbox("nosuch")
+    assert await vc.list_sandbox() == []  # no storage directory: an empty list
+
+
+@pytest.mark.parametrize("step", ["vm", "agent", "container-spec", "container-rootfs"])
+async def test_rollback_leaves_nothing(
+    vc: VirtContainers, tmp_path: Path, step: str, state_dir: str
+) -> None:
+    s = sid()
+    cc = container(tmp_path, "c", ["true"])
+    if step == "vm":
+        hyp = dataclasses.replace(vc.config.hypervisor, kernel=str(tmp_path / "no-kernel"))
+        vc.config = dataclasses.replace(vc.config, hypervisor=hyp)
+        expected: type[Exception] = errdefs.FailedPrecondition
+    elif step == "agent":
+        # The agent cannot answer within 0.5 s of launch under TCG.
+        agent = dataclasses.replace(vc.config.agent, dial_timeout=0.5)
+        vc.config = dataclasses.replace(vc.config, agent=agent)
+        expected = errdefs.Unavailable
+    elif step == "container-spec":
+        spec = dict(cc.spec)
+        spec["process"] = {**spec["process"], "args": []}
+        cc = dataclasses.replace(cc, spec=spec)
+        expected = errdefs.InvalidArgument
+    else:
+        shutil.rmtree(Path(cc.bundle) / "rootfs")
+        expected = errdefs.InvalidArgument
+    with pytest.raises(expected):
+        await vc.create_sandbox(SandboxConfig(id=s, containers=(cc,)))
+    assert vm_processes(state_dir) == []
+    assert not os.path.exists(f"{state_dir}/sbs/{s}")
+    assert not os.path.exists(f"{state_dir}/vm/{s}")
+    assert await vc.list_sandbox() == []
+
+
+async def test_vm_death_ends_every_task_with_255(vc: VirtContainers, tmp_path: Path) -> None:
+    s = sid()
+    cfg = SandboxConfig(id=s, containers=(container(tmp_path, "c", ["sleep", "1000"]),))
+    sandbox = await vc.run_sandbox(cfg)
+    assert sandbox.vm is not None and sandbox.vm.pid is not None
+    os.kill(sandbox.vm.pid, signal.SIGKILL)
+    with trio.fail_after(10):
+        assert await sandbox.container("c").wait() == 255
+    assert (await vc.status_container(s, "c")).state == "stopped"
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)
+
+
+async def test_two_sandboxes_side_by_side(vc: VirtContainers, tmp_path: Path) -> None:
+    ids = [sid(), sid()]
+    boxes = {}
+
+    async def run(s: str) -> None:
+        cfg = SandboxConfig(
+            id=s, containers=(container(tmp_path, s, ["sh", "-c", f"echo {s}; sleep 1000"]),)
+        )
+        boxes[s] = await vc.run_sandbox(cfg)
+
+    async with trio.open_nursery() as n:
+        for s in ids:
+            n.start_soon(run, s)
+    assert boxes[ids[0]].state.qemu_pid != boxes[ids[1]].state.qemu_pid
+    for s in ids:
+        assert await boxes[s].container(s).read_stdout("", 64) == f"{s}\n".encode()
+    assert sorted(x.id for x in await vc.list_sandbox()) == sorted(ids)
+    for s in ids:
+        await vc.stop_sandbox(s)
+        await vc.delete_sandbox(s)
+
+
+FETCH_SCRIPT = """
+import sys, trio, os
+from shimv2.vc.api import VirtContainers
+from shimv2.vc.config import Config, RuntimeConfig
+from shimv2.vc.container import ContainerConfig
+from shimv2.vc.sandbox import SandboxConfig
+import json
+
+async def main():
+    state_dir, sid, bundle, spec = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+    async with trio.open_nursery() as n:
+        vc = VirtContainers(n, Config(runtime=RuntimeConfig(state_dir=state_dir)))
+        cc = ContainerConfig(id="c", bundle=bundle, spec=spec)
+        await vc.run_sandbox(SandboxConfig(id=sid, containers=(cc,)))
+        print("RUNNING", flush=True)
+        os._exit(0)  # the owner dies without cleaning up
+
+trio.run(main)
+"""
+
+
+async def test_fetch_from_another_process_after_the_owner_died(
+    vc: VirtContainers, tmp_path: Path, state_dir: str
+) -> None:
+    import json
+
+    s = sid()
+    cc = container(tmp_path, "c", ["sh", "-c", "sleep 1000"])
+    with trio.fail_after(120):
+        proc = await trio.run_process(
+            [sys.executable, "-c", FETCH_SCRIPT, state_dir, s, cc.bundle, json.dumps(cc.spec)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=str(Path(__file__).resolve().parents[2]),
+        )
+    assert b"RUNNING" in proc.stdout, proc.stderr.decode()[-2000:]
+    assert [x.id for x in await vc.list_sandbox()] == [s]
+    sandbox = await vc.fetch_sandbox(s)
+    assert sandbox.vm is not None and sandbox.vm.pid == sandbox.state.qemu_pid
+    # The agent answers the new process on the same VM.
+    assert b"sleep" in await vc.process_list_container(s, "c", "table")
+    assert (await vc.status_container(s, "c")).state == "running"
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)
+
+
+async def test_pause_and_resume_sandbox(vc: VirtContainers, tmp_path: Path) -> None:
+    s = sid()
+    cfg = SandboxConfig(id=s, containers=(container(tmp_path, "c", ["sleep", "1000"]),))
+    sandbox = await vc.run_sandbox(cfg)
+    await vc.pause_sandbox(s)
+    assert sandbox.vm is not None
+    assert (await sandbox.vm.qmp.execute("query-status"))["status"] == "paused"
+    await vc.resume_sandbox(s)
+    assert (await sandbox.vm.qmp.execute("query-status"))["status"] == "running"
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)
