@@ -56,7 +56,7 @@ def state_dir() -> Any:
 @pytest.fixture
 async def vc(state_dir: str, nursery: trio.Nursery) -> AsyncIterator[VirtContainers]:
     config = Config(runtime=RuntimeConfig(state_dir=state_dir))
-    yield VirtContainers(nursery, config)
+    return VirtContainers(nursery, config)
 
 
 def container(tmp_path: Path, cid: str, args: list[str]) -> ContainerConfig:
@@ -177,7 +177,8 @@ async def test_vm_death_ends_every_task_with_255(vc: VirtContainers, tmp_path: P
     s = sid()
     cfg = SandboxConfig(id=s, containers=(container(tmp_path, "c", ["sleep", "1000"]),))
     sandbox = await vc.run_sandbox(cfg)
-    assert sandbox.vm is not None and sandbox.vm.pid is not None
+    assert sandbox.vm is not None
+    assert sandbox.vm.pid is not None
     os.kill(sandbox.vm.pid, signal.SIGKILL)
     with trio.fail_after(10):
         assert await sandbox.container("c").wait() == 255
@@ -247,7 +248,8 @@ async def test_fetch_from_another_process_after_the_owner_died(
     assert b"RUNNING" in proc.stdout, proc.stderr.decode()[-2000:]
     assert [x.id for x in await vc.list_sandbox()] == [s]
     sandbox = await vc.fetch_sandbox(s)
-    assert sandbox.vm is not None and sandbox.vm.pid == sandbox.state.qemu_pid
+    assert sandbox.vm is not None
+    assert sandbox.vm.pid == sandbox.state.qemu_pid
     # The agent answers the new process on the same VM.
     assert b"sleep" in await vc.process_list_container(s, "c", "table")
     assert (await vc.status_container(s, "c")).state == "running"
