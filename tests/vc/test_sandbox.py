@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,7 @@ def state_dir() -> Any:
 
 
 @pytest.fixture
-async def vc(state_dir: str, nursery: trio.Nursery) -> AsyncIterator[VirtContainers]:
+async def vc(state_dir: str, nursery: trio.Nursery) -> VirtContainers:
     config = Config(runtime=RuntimeConfig(state_dir=state_dir))
     return VirtContainers(nursery, config)
 
