@@ -267,3 +267,60 @@ async def test_pause_and_resume_sandbox(vc: VirtContainers, tmp_path: Path) -> N
     assert (await sandbox.vm.qmp.execute("query-status"))["status"] == "running"
     await vc.stop_sandbox(s)
     await vc.delete_sandbox(s)
+
+
+@pytest.fixture
+def pod_netns() -> Any:
+    """A CNI-like pod network: netns with eth0 10.77.<n>.2/24, host end .1."""
+    n = int(uuid.uuid4().hex[:2], 16) % 200 + 20
+    name = f"kpy-sb-{uuid.uuid4().hex[:6]}"
+    host_end = f"kh{uuid.uuid4().hex[:6]}"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    ip("netns", "add", name)
+    try:
+        ip("link", "add", host_end, "type", "veth", "peer", "name", "eth0", "netns", name)
+        ip("addr", "add", f"10.77.{n}.1/24", "dev", host_end)
+        ip("link", "set", host_end, "up")
+        ns = ("netns", "exec", name, "ip")
+        ip(*ns, "addr", "add", f"10.77.{n}.2/24", "dev", "eth0")
+        ip(*ns, "link", "set", "eth0", "up")
+        ip(*ns, "link", "set", "lo", "up")
+        ip(*ns, "route", "add", "default", "via", f"10.77.{n}.1")
+        yield f"/var/run/netns/{name}", f"10.77.{n}.2", name
+    finally:
+        subprocess.run(["ip", "link", "del", host_end], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+
+
+async def test_pod_network_reaches_the_guest(
+    vc: VirtContainers, tmp_path: Path, pod_netns: tuple[str, str, str]
+) -> None:
+    netns, pod_ip, name = pod_netns
+    s = sid()
+    cfg = SandboxConfig(
+        id=s, netns=netns, containers=(container(tmp_path, "c", ["sleep", "1000"]),)
+    )
+    await vc.run_sandbox(cfg)
+    interfaces = await vc.list_interfaces(s)
+    addresses = [a.address for i in interfaces for a in i.IPAddresses]
+    assert pod_ip in addresses
+    routes = await vc.list_routes(s)
+    assert any(r.gateway == pod_ip.rsplit(".", 1)[0] + ".1" for r in routes)
+    # The guest kernel answers ping through tap0_kata and the tc redirect.
+    ping = await trio.run_process(
+        ["busybox", "ping", "-c", "1", "-W", "10", pod_ip], capture_stdout=True, check=False
+    )
+    assert ping.returncode == 0, ping.stdout.decode()
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)
+    links = await trio.run_process(
+        ["ip", "netns", "exec", name, "ip", "-o", "link"], capture_stdout=True
+    )
+    assert b"tap0_kata" not in links.stdout
+    qdiscs = await trio.run_process(
+        ["ip", "netns", "exec", name, "tc", "qdisc", "show", "dev", "eth0"], capture_stdout=True
+    )
+    assert b"ingress" not in qdiscs.stdout
