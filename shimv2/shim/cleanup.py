@@ -1,0 +1,103 @@
+"""``delete``: clean up after a shim daemon that died, from persisted state alone.
+
+containerd runs ``<binary> … -id ID -bundle DIR delete`` (cwd = bundle) when the
+shim is gone (cd core/runtime/v2/shim.go ``cleanupAfterDeadShim``) and reads a
+protobuf ``DeleteResponse`` from stdout; the runc shim answers 137 (SIGKILL).
+
+The container's sandbox is its CRI ``sandbox-id`` annotation, or itself. A
+sandbox's own container (or the last one left) takes the whole sandbox down
+(``VirtContainers.cleanup_sandbox``: VM, virtiofsd, mounts, network, state); any
+other container only loses its rootfs mounts. ``<bundle>/rootfs`` is unmounted
+last. Nothing to clean is not an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import trio
+
+from shimv2.errdefs import Error
+from shimv2.pb.containerd.runtime.task.v2.shim_pb2 import DeleteResponse
+from shimv2.shim.bootstrap import SANDBOX_ID, can_connect, read_annotations, socket_path
+from shimv2.shim.flags import Flags
+from shimv2.vc.api import VirtContainers
+from shimv2.vc.config import Config
+from shimv2.vc.storage import is_mountpoint, unmount_all
+
+log = logging.getLogger(__name__)
+
+KILLED_STATUS = 128 + 9
+
+
+def response() -> DeleteResponse:
+    resp = DeleteResponse(pid=0, exit_status=KILLED_STATUS)
+    resp.exited_at.FromNanoseconds(time.time_ns())
+    return resp
+
+
+def _shim_alive(flags: Flags, sid: str) -> bool:
+    """A daemon still serves the pod: its sandbox is not ours to destroy."""
+    if not flags.address or not flags.namespace:
+        return False
+    try:
+        return can_connect(socket_path(flags.address, flags.namespace, sid))
+    except Error:
+        return False
+
+
+async def _forget_container(vc: VirtContainers, sid: str, cid: str) -> bool:
+    """Unmount a container's recorded mounts and drop it from the state.
+
+    Returns True when no container of the sandbox is left.
+    """
+    store = vc.store
+    async with store.locked(sid, exclusive=True):
+        state = store.load(sid)
+        container = state.containers.pop(cid, None)
+        if container is not None:
+            points = list(container.mounts)
+            if container.rootfs and container.rootfs not in points:
+                points.append(container.rootfs)
+            failed = await unmount_all(points)
+            if failed:
+                log.error("delete %s: still mounted: %s", cid, ", ".join(failed))
+            store.save(state)
+        return not state.containers
+
+
+async def clean(flags: Flags, bundle: str, config: Config | None = None) -> None:
+    """Undo what kata-py left for ``flags.id``; errors are logged, never raised."""
+    cid = flags.id
+    try:
+        annotations = read_annotations(bundle)
+    except Error as exc:
+        log.warning("delete %s: %s", cid, exc)
+        annotations = {}
+    sid = annotations.get(SANDBOX_ID) or cid
+    async with trio.open_nursery() as nursery:
+        try:
+            vc = VirtContainers(nursery, config)
+            if sid not in vc.store.list():
+                log.debug("delete %s: no kata-py state for sandbox %s", cid, sid)
+            elif _shim_alive(flags, sid):
+                log.warning("delete %s: the shim of sandbox %s is alive; leaving it", cid, sid)
+            elif cid == sid or await _forget_container(vc, sid, cid):
+                log.info("delete %s: cleaning up sandbox %s", cid, sid)
+                await vc.cleanup_sandbox(sid)
+        except Exception:
+            log.exception("delete %s: cleaning up sandbox %s failed", cid, sid)
+        rootfs = os.path.join(bundle, "rootfs")
+        if os.path.isdir(rootfs) and is_mountpoint(rootfs):
+            failed = await unmount_all([rootfs])
+            if failed:
+                log.error("delete %s: could not unmount %s", cid, rootfs)
+
+
+def delete(flags: Flags, config: Config | None = None) -> bytes:
+    """Run ``delete``; returns the serialized ``DeleteResponse`` for stdout."""
+    bundle = flags.bundle or os.getcwd()
+    trio.run(clean, flags, bundle, config)
+    return response().SerializeToString()

@@ -1,0 +1,202 @@
+"""The long-lived per-pod shim process (started by ``start`` with no action).
+
+It serves the Task API on the listening socket it inherited as fd 3, publishes
+events to containerd, and exits once ``Shutdown`` is requested (by the task
+service or SIGTERM/SIGINT): it stops accepting, runs the shutdown callbacks,
+drains the event queue, removes its socket and returns 0. It is a child
+subreaper, as containerd's shims are, so processes orphaned below it are reaped
+here rather than by init.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from shimv2.shim import logging as shim_logging
+from shimv2.shim.bootstrap import SHUTDOWN_SIGNALS
+from shimv2.shim.events import Publisher
+from shimv2.shim.flags import Flags
+from shimv2.shim.shutdown import Shutdown
+from shimv2.ttrpc import Server, Service
+from shimv2.vc.api import VirtContainers
+
+log = logging.getLogger(__name__)
+
+LISTEN_FD = 3
+PR_SET_CHILD_SUBREAPER = 36
+REAP_INTERVAL = 5.0
+PUBLISHER_DRAIN = 5.0
+
+
+class TaskServiceLike(Protocol):
+    def services(self) -> list[Service]: ...
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = ...) -> None: ...
+
+
+TaskServiceFactory = Callable[[VirtContainers, Publisher, Shutdown, str, str], TaskServiceLike]
+
+
+def default_task_service() -> TaskServiceFactory | None:
+    """``shimv2.task_service.service.TaskService``, or None while it is not there."""
+    try:
+        from shimv2.task_service.service import (  # type: ignore[import-not-found,unused-ignore]
+            TaskService,
+        )
+    except ImportError as exc:
+        log.error("no task service (%s): serving without the Task API", exc)
+        return None
+
+    def build(
+        vc: VirtContainers, publisher: Publisher, shutdown: Shutdown, namespace: str, shim_id: str
+    ) -> TaskServiceLike:
+        service: TaskServiceLike = TaskService(
+            vc, publisher, shutdown, namespace=namespace, shim_id=shim_id
+        )
+        return service
+
+    return build
+
+
+def set_subreaper() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_CHILD_SUBREAPER): %s", os.strerror(ctypes.get_errno()))
+
+
+def _zombie_children() -> set[int]:
+    me = os.getpid()
+    found: set[int] = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid …": comm may hold spaces and parentheses.
+        fields = stat[stat.rfind(")") + 2 :].split()
+        if len(fields) > 1 and fields[0] == "Z" and fields[1] == str(me):
+            found.add(int(entry))
+    return found
+
+
+async def reap_orphans(interval: float = REAP_INTERVAL) -> None:
+    """Reap zombies that stayed zombies for a whole ``interval``.
+
+    Children we spawned through trio are waited for by their owners; those who
+    got to us as orphans have nobody. Reaping only what outlived one interval
+    keeps us from stealing an exit status someone is about to collect.
+    """
+    seen: set[int] = set()
+    while True:
+        await trio.sleep(interval)
+        zombies = _zombie_children()
+        for pid in zombies & seen:
+            _reap(pid)
+        seen = zombies - seen
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # a zombie: never blocks
+        log.debug("reaped orphan %d", pid)
+
+
+@dataclass
+class Daemon:
+    flags: Flags
+    sock: socket.socket
+    task_service: TaskServiceFactory | None = None
+    shutdown: Shutdown = field(default_factory=Shutdown)
+    _socket_removed: bool = field(default=False, init=False)
+
+    async def serve(self) -> None:
+        name = self.sock.getsockname()
+        path = name if isinstance(name, str) else ""
+        try:
+            await self._serve(path)
+        finally:
+            # Also when serving failed: a socket nobody accepts on would make the
+            # next ``start`` of the pod wait on a dead daemon's backlog.
+            self.sock.close()
+            self._remove_socket(path)
+
+    def _remove_socket(self, path: str) -> None:
+        """Once: after that, the path may be a new daemon's (a ``start`` that came later)."""
+        if path and not self._socket_removed:
+            self._socket_removed = True
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    async def _serve(self, path: str) -> None:
+        flags = self.flags
+        async with trio.open_nursery() as nursery:
+            vc = VirtContainers(nursery)
+            publisher = Publisher(flags.ttrpc_address, flags.namespace)
+            await nursery.start(publisher.run)
+            services: list[Service] = []
+            if self.task_service is not None:
+                ts = self.task_service(vc, publisher, self.shutdown, flags.namespace, flags.id)
+                services = ts.services()
+                await nursery.start(ts.run)
+            server = Server(services)
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(self.sock))
+            await nursery.start(server.serve, listener)
+            nursery.start_soon(self._signals)
+            nursery.start_soon(reap_orphans)
+            log.info("shim %s serving at unix://%s (pid %d)", flags.id, path, os.getpid())
+
+            await self.shutdown.wait()
+            log.info("shim %s shutting down", flags.id)
+            await listener.aclose()
+            self._remove_socket(path)
+            await self.shutdown.run_callbacks()
+            await publisher.aclose(PUBLISHER_DRAIN)
+            nursery.cancel_scope.cancel()
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:
+            # ``start`` spawned us with them blocked; pending ones arrive now.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, SHUTDOWN_SIGNALS)
+            async for signum in signals:
+                log.info("received %s", signal.Signals(signum).name)
+                self.shutdown.request()
+
+
+def run(flags: Flags) -> int:
+    """The daemon's main: logging, subreaper, then serve until shutdown."""
+    fd = shim_logging.open_log_fifo(os.path.join(flags.bundle or ".", shim_logging.LOG_FIFO))
+    if fd is not None:
+        os.dup2(fd, 2)
+        os.close(fd)
+    shim_logging.setup(2, debug=flags.debug, fields={"id": flags.id, "namespace": flags.namespace})
+    try:
+        sock = socket.socket(fileno=LISTEN_FD)
+    except OSError as exc:
+        log.error("no listening socket on fd %d: %s", LISTEN_FD, exc)
+        return 1
+    if sock.family != socket.AF_UNIX:
+        log.error("fd %d is not a unix socket", LISTEN_FD)
+        return 1
+    sock.set_inheritable(False)
+    set_subreaper()
+    daemon = Daemon(flags, sock, default_task_service())
+    try:
+        trio.run(daemon.serve)
+    except Exception:
+        log.exception("shim %s failed", flags.id)
+        return 1
+    log.info("shim %s exited", flags.id)
+    return 0

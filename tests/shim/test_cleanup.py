@@ -1,0 +1,109 @@
+"""``delete``: after a dead shim, from the bundle and kata-py's persisted state."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shimv2.pb.containerd.runtime.task.v2.shim_pb2 import DeleteResponse
+from shimv2.shim.cleanup import clean
+from shimv2.shim.flags import Flags
+from shimv2.vc.config import Config, RuntimeConfig
+from shimv2.vc.persist import ContainerState, SandboxState, Store
+from shimv2.vc.storage import is_mountpoint
+
+SHIM = f"{sys.executable.rsplit('/', 1)[0]}/containerd-shim-kata-py-v2"
+CRI_SANDBOX = "io.kubernetes.cri.sandbox-id"
+
+
+def bind(source: Path, target: Path) -> None:
+    source.mkdir(exist_ok=True)
+    target.mkdir(exist_ok=True)
+    subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+
+
+@pytest.fixture
+def mounts() -> Iterator[list[Path]]:
+    """Mount points a test makes; whatever is still mounted at the end is a failure."""
+    made: list[Path] = []
+    yield made
+    left = [p for p in made if is_mountpoint(p)]
+    for p in left:
+        subprocess.run(["umount", "-l", str(p)], check=False)
+    assert not left, f"still mounted: {left}"
+
+
+def run_delete(bundle: Path, state_dir: Path, cid: str) -> subprocess.CompletedProcess[bytes]:
+    config = state_dir / "config.toml"
+    config.write_text(f'[runtime]\nstate_dir = "{state_dir}"\n')
+    argv = [SHIM, "-namespace", "default", "-address", str(state_dir / "cd.sock")]
+    argv += ["-publish-binary", "/usr/bin/containerd", "-id", cid, "-bundle", str(bundle)]
+    env = {**os.environ, "KATA_PY_CONFIG": str(config)}
+    return subprocess.run([*argv, "delete"], cwd=bundle, capture_output=True, env=env, timeout=30)
+
+
+def test_delete_unmounts_the_rootfs(tmp_path: Path, mounts: list[Path]) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"annotations": {}}))
+    bind(tmp_path / "layer", bundle / "rootfs")
+    mounts.append(bundle / "rootfs")
+    out = run_delete(bundle, tmp_path, "c1")
+    assert out.returncode == 0, out.stderr
+    assert not is_mountpoint(bundle / "rootfs")
+    resp = DeleteResponse.FromString(out.stdout)
+    assert (resp.pid, resp.exit_status) == (0, 137)
+    assert resp.exited_at.seconds > 0
+
+
+def test_delete_with_nothing_to_clean(tmp_path: Path) -> None:
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    out = run_delete(bundle, tmp_path, "c1")
+    assert out.returncode == 0, out.stderr
+    assert DeleteResponse.FromString(out.stdout).exit_status == 137
+
+
+async def test_container_then_sandbox_from_state(tmp_path: Path, mounts: list[Path]) -> None:
+    state_dir = tmp_path / "state"
+    store = Store(state_dir)
+    store.create("pod1")
+    shared = store.shared_dir("pod1")
+    shared.mkdir()
+    bind(tmp_path / "l1", shared / "pod1")
+    bind(tmp_path / "l2", shared / "c2")
+    mounts += [shared / "pod1", shared / "c2"]
+    store.save(
+        SandboxState(
+            id="pod1",
+            state="running",
+            shared_dir=str(shared),
+            containers={
+                "pod1": ContainerState(
+                    id="pod1", bundle="/b1", state="running", mounts=[str(shared / "pod1")]
+                ),
+                "c2": ContainerState(
+                    id="c2", bundle="/b2", state="running", mounts=[str(shared / "c2")]
+                ),
+            },
+        )
+    )
+    config = Config(runtime=RuntimeConfig(state_dir=str(state_dir)))
+    b2 = tmp_path / "b2"
+    b2.mkdir()
+    (b2 / "config.json").write_text(json.dumps({"annotations": {CRI_SANDBOX: "pod1"}}))
+
+    await clean(Flags(id="c2", namespace="default"), str(b2), config)
+    assert not is_mountpoint(shared / "c2")
+    assert is_mountpoint(shared / "pod1")
+    assert list(store.load("pod1").containers) == ["pod1"]
+
+    await clean(Flags(id="pod1", namespace="default"), str(tmp_path / "b1"), config)
+    assert not is_mountpoint(shared / "pod1")
+    assert store.list() == []
