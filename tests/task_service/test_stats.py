@@ -1,0 +1,106 @@
+"""Agent stats → cgroups Metrics, v1 and v2, with the exact type URLs CRI compares."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shimv2.pb.cgroups.v1 import metrics_pb2 as v1
+from shimv2.pb.cgroups.v2 import metrics_pb2 as v2
+from shimv2.pb.kata import agent_pb2
+from shimv2.task_service.stats import (
+    V1_TYPE_URL,
+    V2_TYPE_URL,
+    host_is_cgroup_v2,
+    metrics_any,
+    metrics_v1,
+    metrics_v2,
+)
+
+
+def sample() -> agent_pb2.StatsContainerResponse:
+    cg = agent_pb2.CgroupStats(
+        cpu_stats=agent_pb2.CpuStats(
+            cpu_usage=agent_pb2.CpuUsage(
+                total_usage=5_000_000,
+                usage_in_kernelmode=2_000_000,
+                usage_in_usermode=3_000_000,
+                percpu_usage=[4_000_000, 1_000_000],
+            ),
+            throttling_data=agent_pb2.ThrottlingData(
+                periods=10, throttled_periods=2, throttled_time=7000
+            ),
+        ),
+        memory_stats=agent_pb2.MemoryStats(
+            cache=11,
+            usage=agent_pb2.MemoryData(usage=1000, max_usage=1500, failcnt=1, limit=4096),
+            swap_usage=agent_pb2.MemoryData(usage=5, limit=50),
+            use_hierarchy=True,
+            stats={"total_cache": 12, "total_rss": 34, "pgfault": 9, "total_inactive_file": 8},
+        ),
+        pids_stats=agent_pb2.PidsStats(current=3, limit=100),
+        blkio_stats=agent_pb2.BlkioStats(
+            io_service_bytes_recursive=[
+                agent_pb2.BlkioStatsEntry(major=8, minor=0, op="Read", value=100),
+                agent_pb2.BlkioStatsEntry(major=8, minor=0, op="Write", value=200),
+                agent_pb2.BlkioStatsEntry(major=8, minor=16, op="Read", value=7),
+            ],
+            io_serviced_recursive=[
+                agent_pb2.BlkioStatsEntry(major=8, minor=0, op="Read", value=4),
+            ],
+        ),
+        hugetlb_stats={"2MB": agent_pb2.HugetlbStats(usage=1, max_usage=2, failcnt=0)},
+    )
+    net = agent_pb2.NetworkStats(name="eth0", rx_bytes=10, tx_bytes=20)
+    return agent_pb2.StatsContainerResponse(cgroup_stats=cg, network_stats=[net])
+
+
+def test_v1_type_url_exact_and_value_parses() -> None:
+    any_ = metrics_any(sample(), cgroup_v2=False)
+    assert any_.type_url == "io.containerd.cgroups.v1.Metrics" == V1_TYPE_URL
+    m = v1.Metrics.FromString(any_.value)
+    assert (m.cpu.usage.total, m.cpu.usage.kernel, m.cpu.usage.user) == (
+        5_000_000,
+        2_000_000,
+        3_000_000,
+    )
+    assert list(m.cpu.usage.per_cpu) == [4_000_000, 1_000_000]
+    assert m.cpu.throttling.throttled_periods == 2
+    assert (m.memory.usage.usage, m.memory.usage.limit, m.memory.usage.max) == (1000, 4096, 1500)
+    assert (m.memory.cache, m.memory.rss, m.memory.pg_fault) == (12, 34, 9)
+    assert m.memory.swap.limit == 50
+    assert (m.pids.current, m.pids.limit) == (3, 100)
+    assert m.blkio.io_service_bytes_recursive[1].value == 200
+    assert m.hugetlb[0].pagesize == "2MB"
+    assert m.hugetlb[0].max == 2
+    assert m.network[0].name == "eth0"
+    assert m.network[0].tx_bytes == 20
+
+
+def test_v2_type_url_exact_and_value_parses() -> None:
+    any_ = metrics_any(sample(), cgroup_v2=True)
+    assert any_.type_url == "io.containerd.cgroups.v2.Metrics" == V2_TYPE_URL
+    m = v2.Metrics.FromString(any_.value)
+    assert (m.cpu.usage_usec, m.cpu.user_usec, m.cpu.system_usec) == (5000, 3000, 2000)
+    assert (m.cpu.nr_periods, m.cpu.nr_throttled, m.cpu.throttled_usec) == (10, 2, 7)
+    assert (m.memory.usage, m.memory.usage_limit, m.memory.max_usage) == (1000, 4096, 1500)
+    assert (m.memory.swap_usage, m.memory.swap_limit) == (5, 50)
+    assert (m.pids.current, m.pids.limit) == (3, 100)
+    io = {(e.major, e.minor): e for e in m.io.usage}
+    assert (io[8, 0].rbytes, io[8, 0].wbytes, io[8, 0].rios) == (100, 200, 4)
+    assert io[8, 16].rbytes == 7
+    assert m.network[0].rx_bytes == 10
+
+
+def test_no_cgroup_stats_still_gives_network() -> None:
+    resp = agent_pb2.StatsContainerResponse(network_stats=[agent_pb2.NetworkStats(name="lo")])
+    assert not metrics_v1(resp).HasField("cpu")
+    assert metrics_v1(resp).network[0].name == "lo"
+    assert metrics_v2(resp).network[0].name == "lo"
+
+
+def test_host_cgroup_mode_from_the_unified_marker(tmp_path: Path) -> None:
+    marker = tmp_path / "cgroup.controllers"
+    assert not host_is_cgroup_v2(str(marker))
+    marker.write_text("cpu memory\n")
+    assert host_is_cgroup_v2(str(marker))
+    assert host_is_cgroup_v2() == Path("/sys/fs/cgroup/cgroup.controllers").exists()
