@@ -36,6 +36,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any as AnyT
 
 from google.protobuf.any_pb2 import Any
@@ -70,7 +71,12 @@ def default_entry() -> list[str]:
     """How the daemon is re-executed: this interpreter, never a PATH lookup.
 
     ``-P``: cwd is the bundle, which must not be able to shadow our modules.
+    The console script beside the interpreter is preferred so that ``ps``
+    shows the shim's name.
     """
+    script = Path(sys.executable).with_name("containerd-shim-kata-py-v2")
+    if script.is_file():
+        return [sys.executable, "-P", str(script)]
     return [sys.executable, "-P", "-m", "shimv2.shim"]
 
 

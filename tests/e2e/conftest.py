@@ -1,0 +1,135 @@
+"""A real containerd for end-to-end tests: private root, state and socket.
+
+Debian's containerd 1.6 is always there (scripts/setup installs it); a
+containerd 2.x built with Go by scripts/build-containerd is used as well when
+``build/bin/containerd`` exists. Each test leaves no shim, VM or state behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.leaks import vm_processes
+
+ROOT = Path(__file__).resolve().parents[2]
+IMAGE = "localhost/kata-py/busybox:latest"
+RUNTIME = "io.containerd.kata-py.v2"
+SHIM = "containerd-shim-kata-py-v2"
+
+
+@dataclass
+class Containerd:
+    binary: str
+    ctr_binary: str
+    base: Path
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log = self.base / "containerd.log"
+
+    @property
+    def socket(self) -> str:
+        return str(self.base / "containerd.sock")
+
+    def start(self) -> None:
+        config = self.base / "config.toml"
+        config.write_text(
+            "version = 2\n"
+            f'root = "{self.base}/root"\n'
+            f'state = "{self.base}/state"\n'
+            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
+            f'[grpc]\n  address = "{self.socket}"\n'
+        )
+        env = {**os.environ, "PATH": f"/usr/local/bin:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, "--config", str(config)], stdout=log, stderr=log, env=env
+            )
+        deadline = time.monotonic() + 20
+        while not os.path.exists(self.socket):
+            assert self.proc.poll() is None, self.log.read_text()[-2000:]
+            assert time.monotonic() < deadline, "containerd did not start"
+            time.sleep(0.05)
+        self.ctr("version")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def ctr(
+        self, *args: str, check: bool = True, timeout: float = 180, stdin: bytes | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        out = subprocess.run(
+            [self.ctr_binary, "-a", self.socket, *args],
+            input=stdin.decode() if stdin is not None else None,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and out.returncode != 0:
+            raise AssertionError(f"ctr {' '.join(args)}: rc {out.returncode}: {out.stderr}")
+        return out
+
+
+def _versions() -> list[tuple[str, str, str]]:
+    out = [("1.6", "/usr/bin/containerd", "/usr/bin/ctr")]
+    built = ROOT / "build" / "bin"
+    if (built / "containerd").exists():
+        out.append(("2.x", str(built / "containerd"), str(built / "ctr")))
+    return out
+
+
+def shim_pids() -> list[int]:
+    out = subprocess.run(["pgrep", "-f", SHIM], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+@pytest.fixture(scope="session", params=_versions(), ids=lambda v: f"containerd-{v[0]}")
+def containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
+    _, binary, ctr_binary = request.param
+    base = Path(f"/run/kpy-e2e-{uuid.uuid4().hex[:6]}")
+    base.mkdir()
+    cd = Containerd(binary, ctr_binary, base)
+    cd.start()
+    image = base / "busybox.tar"
+    subprocess.run([str(ROOT / "scripts" / "busybox-image"), str(image), IMAGE], check=True)
+    cd.ctr("images", "import", str(image))
+    yield cd
+    cd.stop()
+    subprocess.run(["umount", "-R", str(base / "root")], check=False, capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def cd(containerd: Containerd) -> Iterator[Containerd]:
+    """The session's containerd, with a leak check after each test."""
+    if containerd.proc is None or containerd.proc.poll() is not None:
+        containerd.start()
+    yield containerd
+    deadline = time.monotonic() + 15
+    while (shim_pids() or vm_processes("kata-py-")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    leaks = [*map(str, shim_pids()), *vm_processes("kata-py-")]
+    for pid in shim_pids():
+        os.kill(pid, signal.SIGKILL)
+    sbs = Path("/run/kata-py/sbs")
+    left = sorted(os.listdir(sbs)) if sbs.exists() else []
+    assert leaks == []
+    assert left == []

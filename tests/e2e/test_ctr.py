@@ -1,0 +1,189 @@
+"""kata-py as containerd sees it: real containerd, real ctr, real VMs."""
+
+from __future__ import annotations
+
+import os
+import pty
+import select
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from shimv2.vc.qemu import default_guest_dir
+from tests.e2e.conftest import IMAGE, RUNTIME, Containerd, shim_pids
+from tests.leaks import vm_processes
+
+pytestmark = pytest.mark.vm
+
+GUEST_KERNEL = (default_guest_dir() / "kver").read_text().strip()
+
+
+def cid() -> str:
+    return f"e2e{uuid.uuid4().hex[:8]}"
+
+
+def run_detached(
+    cd: Containerd, name: str, *cmd: str, annotations: dict[str, str] | None = None
+) -> None:
+    extra = [a for k, v in (annotations or {}).items() for a in ("--annotation", f"{k}={v}")]
+    cd.ctr("run", "-d", "--runtime", RUNTIME, *extra, IMAGE, name, *cmd)
+
+
+def remove(cd: Containerd, name: str) -> None:
+    cd.ctr("task", "kill", "-s", "SIGKILL", name, check=False)
+    for _ in range(100):
+        if (
+            "STOPPED" in cd.ctr("task", "ls", check=False).stdout
+            or name not in cd.ctr("task", "ls", check=False).stdout
+        ):
+            break
+        time.sleep(0.2)
+    cd.ctr("task", "rm", "-f", name, check=False)
+    cd.ctr("containers", "rm", name, check=False)
+
+
+def task_status(cd: Containerd, name: str) -> str:
+    for line in cd.ctr("task", "ls").stdout.splitlines()[1:]:
+        fields = line.split()
+        if fields and fields[0] == name:
+            return fields[-1]
+    return "MISSING"
+
+
+def test_run_prints_the_guest_kernel_and_exit_codes(cd: Containerd) -> None:
+    out = cd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, cid(), "uname", "-r")
+    assert out.stdout.strip() == GUEST_KERNEL
+    assert out.stdout.strip() != os.uname().release
+    failed = cd.ctr(
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        cid(),
+        "sh",
+        "-c",
+        "echo err >&2; exit 3",
+        check=False,
+    )
+    assert failed.returncode == 3
+    assert "err" in failed.stderr
+
+
+def test_exec_stdin_tty_ps_metrics_pause_kill(cd: Containerd) -> None:
+    name = cid()
+    run_detached(cd, name, "sleep", "1000")
+    try:
+        assert task_status(cd, name) == "RUNNING"
+        out = cd.ctr(
+            "task", "exec", "--exec-id", "e1", name, "sh", "-c", "echo hi; exit 4", check=False
+        )
+        assert out.stdout == "hi\n"
+        assert out.returncode == 4
+        echoed = cd.ctr("task", "exec", "--exec-id", "e2", name, "cat", stdin=b"from stdin\n")
+        assert echoed.stdout == "from stdin\n"
+        assert "tty-ok" in exec_with_tty(cd, name)
+        ps = cd.ctr("task", "ps", name).stdout
+        assert len(ps.strip().splitlines()) >= 2  # header and at least the init
+        metrics = cd.ctr("task", "metrics", name).stdout
+        assert "memory" in metrics.lower()
+        cd.ctr("task", "pause", name)
+        assert task_status(cd, name) == "PAUSED"
+        cd.ctr("task", "resume", name)
+        assert task_status(cd, name) == "RUNNING"
+        cd.ctr("task", "kill", "-a", "-s", "SIGKILL", name)
+        deadline = time.monotonic() + 30
+        while task_status(cd, name) != "STOPPED":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        cd.ctr("task", "rm", name)
+        cd.ctr("containers", "rm", name)
+    finally:
+        remove(cd, name)
+
+
+def exec_with_tty(cd: Containerd, name: str) -> str:
+    """``ctr task exec -t`` wants a terminal: give it a pty and read what it writes."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [cd.ctr_binary, "-a", cd.socket, "task", "exec", "-t", "--exec-id", "tty", name,
+         "sh", "-c", "test -t 0 && echo tty-ok"],
+        stdin=follower, stdout=follower, stderr=follower,
+    )  # fmt: skip
+    os.close(follower)
+    out = b""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(leader, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=30)
+    os.close(leader)
+    return out.decode(errors="replace")
+
+
+def test_kill_without_all_and_delete(cd: Containerd) -> None:
+    name = cid()
+    run_detached(cd, name, "sh", "-c", "trap 'exit 42' TERM; while :; do sleep 0.1; done")
+    try:
+        time.sleep(1)
+        cd.ctr("task", "kill", "-s", "SIGTERM", name)
+        deadline = time.monotonic() + 30
+        while task_status(cd, name) != "STOPPED":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        deleted = cd.ctr("task", "rm", name).stdout
+        assert "42" in deleted or deleted == ""
+        cd.ctr("containers", "rm", name)
+        assert name not in cd.ctr("containers", "ls").stdout
+    finally:
+        remove(cd, name)
+
+
+def test_two_containers_of_a_pod_share_one_shim_and_one_vm(cd: Containerd) -> None:
+    pod = cid()
+    app = cid()
+    sandbox_ann = {
+        "io.kubernetes.cri.container-type": "sandbox",
+        "io.kubernetes.cri.sandbox-id": pod,
+    }
+    app_ann = {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": pod}
+    run_detached(cd, pod, "sleep", "1000", annotations=sandbox_ann)
+    try:
+        run_detached(cd, app, "sleep", "1000", annotations=app_ann)
+        assert len(shim_pids()) == 1
+        assert len([p for p in vm_processes("kata-py-") if "qemu-system" in p]) == 1
+        assert task_status(cd, app) == "RUNNING"
+        hostname = cd.ctr("task", "exec", "--exec-id", "h", app, "cat", "/proc/version").stdout
+        assert GUEST_KERNEL in hostname
+    finally:
+        remove(cd, app)
+        remove(cd, pod)
+
+
+def test_containerd_restart_finds_the_shim_again(cd: Containerd) -> None:
+    name = cid()
+    run_detached(cd, name, "sh", "-c", "sleep 8; exit 5")
+    try:
+        cd.stop()
+        time.sleep(1)
+        cd.start()
+        assert task_status(cd, name) in ("RUNNING", "STOPPED")
+        deadline = time.monotonic() + 60
+        while task_status(cd, name) != "STOPPED":
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        cd.ctr("task", "rm", name)
+        cd.ctr("containers", "rm", name)
+    finally:
+        remove(cd, name)
