@@ -187,3 +187,31 @@ def test_containerd_restart_finds_the_shim_again(cd: Containerd) -> None:
         cd.ctr("containers", "rm", name)
     finally:
         remove(cd, name)
+
+
+def test_vm_death_ends_the_task_with_255_and_the_shim_goes(cd: Containerd) -> None:
+    name = cid()
+    run = subprocess.Popen(
+        [cd.ctr_binary, "-a", cd.socket, "run", "--rm", "--runtime", RUNTIME, IMAGE, name,
+         "sleep", "1000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while task_status(cd, name) != "RUNNING":
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        qemu = [p for p in vm_processes(f"kata-py-{name}") if "qemu-system" in p]
+        assert len(qemu) == 1
+        os.kill(int(qemu[0].split(":")[0]), 9)
+        assert run.wait(timeout=60) == 255
+        deadline = time.monotonic() + 20
+        while shim_pids():
+            assert time.monotonic() < deadline, "the shim did not exit after the delete"
+            time.sleep(0.2)
+        assert name not in cd.ctr("containers", "ls").stdout
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+        remove(cd, name)
