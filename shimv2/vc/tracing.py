@@ -38,5 +38,5 @@ class NoTracer:
 def default_tracer() -> Tracer:
     try:
         return OpenTelemetryTracer()
-    except ImportError:  # the API package is a dependency; tolerate a broken install
+    except ImportError:  # the optional "tracing" extra is not installed
         return NoTracer()
