@@ -15,14 +15,14 @@ from typing import Any
 
 import trio
 
-from shimv2.errdefs import FailedPrecondition, NotFound
+from shimv2.errdefs import FailedPrecondition, NotFound, ResourceExhausted
 from shimv2.pb.kata import agent_pb2, types_pb2
 from shimv2.vc.config import Config, load_config
 from shimv2.vc.container import ContainerConfig, ContainerStatus
 from shimv2.vc.factory import DirectFactory, Factory
 from shimv2.vc.ids import container_id, sandbox_id
 from shimv2.vc.persist import Store
-from shimv2.vc.qemu import Qemu
+from shimv2.vc.qemu import HOTPLUG_PORTS, Qemu
 from shimv2.vc.sandbox import (
     Sandbox,
     SandboxConfig,
@@ -303,10 +303,26 @@ class VirtContainers:
                 {"node-name": f"drive-{device_id}", "driver": "raw",
                  "file": {"driver": "file", "filename": path}},
             )  # fmt: skip
+            port = await self._free_root_port(vm)
             await vm.qmp.execute(
                 "device_add",
-                {"driver": "virtio-blk-pci", "id": device_id, "drive": f"drive-{device_id}"},
-            )
+                {"driver": "virtio-blk-pci", "id": device_id, "drive": f"drive-{device_id}",
+                 "bus": port},
+            )  # fmt: skip
+
+    async def _free_root_port(self, vm: Qemu) -> str:
+        used = set()
+        for dev in await vm.qmp.execute("qom-list", {"path": "/machine/peripheral"}):
+            if dev["type"].startswith("child<") and not dev["name"].startswith("rp"):
+                bus = await vm.qmp.execute(
+                    "qom-get",
+                    {"path": f"/machine/peripheral/{dev['name']}", "property": "parent_bus"},
+                )
+                used.add(str(bus).rsplit("/", 1)[-1].split(".")[0])
+        for i in range(HOTPLUG_PORTS):
+            if f"rp{i}" not in used:
+                return f"rp{i}"
+        raise ResourceExhausted(f"all {HOTPLUG_PORTS} hotplug ports are in use")
 
     async def list_interfaces(self, sid: str) -> list[types_pb2.Interface]:
         async with self._verb("ListInterfaces", sandbox=sid):

@@ -36,6 +36,7 @@ FAST_PARAMS = (
     "8250.nr_uarts=1", "panic=-1",
 )  # fmt: skip
 ACCEL_CACHE = Path("/run/kata-py/accel.json")
+HOTPLUG_PORTS = 4  # q35 only: PCIe root ports free for device hotplug
 
 
 def default_guest_dir() -> Path:
@@ -281,6 +282,10 @@ class Qemu:
                 f"chardev=vfs,tag={SHARED_TAG}",
             ]  # fmt: skip
             machine += ",memory-backend=mem"
+        if not microvm:
+            # pcie.0 cannot hotplug; root ports can (one device each).
+            for i in range(HOTPLUG_PORTS):
+                argv += ["-device", f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1}"]
         if microvm:
             # libvhost-user refuses legacy virtio devices.
             argv += ["-global", "virtio-mmio.force-legacy=false"]

@@ -15,9 +15,9 @@ from collections.abc import Coroutine, Mapping
 from typing import Any, TypeVar
 
 import trio
-from qemu.qmp import QMPClient
+from qemu.qmp import ExecuteError, QMPClient
 
-from shimv2.errdefs import Unavailable
+from shimv2.errdefs import FailedPrecondition, Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,6 +67,8 @@ class Qmp:
             return await self._run(self._client.execute(command, arguments))
         except (ConnectionError, EOFError) as exc:
             raise Unavailable(f"qmp {self._name}: {command}: {exc}") from exc
+        except ExecuteError as exc:
+            raise FailedPrecondition(f"qmp {self._name}: {command}: {exc}") from exc
 
     async def aclose(self) -> None:
         """Disconnect and stop the loop thread; safe to call twice."""

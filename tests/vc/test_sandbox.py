@@ -141,16 +141,20 @@ async def test_empty_and_bad_ids(vc: VirtContainers) -> None:
     assert await vc.list_sandbox() == []  # no storage directory: an empty list
 
 
-@pytest.mark.parametrize("step", ["vm", "agent", "container-spec", "container-rootfs"])
+@pytest.mark.parametrize("step", ["network", "vm", "agent", "container-spec", "container-rootfs"])
 async def test_rollback_leaves_nothing(
     vc: VirtContainers, tmp_path: Path, step: str, state_dir: str
 ) -> None:
     s = sid()
     cc = container(tmp_path, "c", ["true"])
-    if step == "vm":
+    netns = ""
+    if step == "network":
+        netns = "/var/run/netns/kpy-does-not-exist"
+        expected: type[Exception] = errdefs.NotFound
+    elif step == "vm":
         hyp = dataclasses.replace(vc.config.hypervisor, kernel=str(tmp_path / "no-kernel"))
         vc.config = dataclasses.replace(vc.config, hypervisor=hyp)
-        expected: type[Exception] = errdefs.FailedPrecondition
+        expected = errdefs.FailedPrecondition
     elif step == "agent":
         # The agent cannot answer within 0.5 s of launch under TCG.
         agent = dataclasses.replace(vc.config.agent, dial_timeout=0.5)
@@ -165,7 +169,7 @@ async def test_rollback_leaves_nothing(
         shutil.rmtree(Path(cc.bundle) / "rootfs")
         expected = errdefs.InvalidArgument
     with pytest.raises(expected):
-        await vc.create_sandbox(SandboxConfig(id=s, containers=(cc,)))
+        await vc.create_sandbox(SandboxConfig(id=s, netns=netns, containers=(cc,)))
     assert vm_processes(state_dir) == []
     assert not os.path.exists(f"{state_dir}/sbs/{s}")
     assert not os.path.exists(f"{state_dir}/vm/{s}")
@@ -324,3 +328,33 @@ async def test_pod_network_reaches_the_guest(
         ["ip", "netns", "exec", name, "tc", "qdisc", "show", "dev", "eth0"], capture_stdout=True
     )
     assert b"ingress" not in qdiscs.stdout
+
+
+async def test_add_device_hotplugs_a_disk_on_q35(vc: VirtContainers, tmp_path: Path) -> None:
+    s = sid()
+    cfg = SandboxConfig(id=s, containers=(container(tmp_path, "c", ["sleep", "1000"]),))
+    await vc.run_sandbox(cfg)
+    with pytest.raises(errdefs.FailedPrecondition, match="microvm"):
+        await vc.add_device(s, str(tmp_path / "none.img"), "disk0")
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)
+
+    hyp = dataclasses.replace(vc.config.hypervisor, machine_type="q35")
+    vc.config = dataclasses.replace(vc.config, hypervisor=hyp)
+    s = sid()
+    cfg = SandboxConfig(id=s, containers=(container(tmp_path, "d", ["sleep", "1000"]),))
+    await vc.run_sandbox(cfg)
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"\0" * (8 << 20))
+    await vc.add_device(s, str(disk), "disk1")
+    process = {"args": ["cat", "/proc/partitions"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
+    partitions = b""
+    with trio.fail_after(20):
+        while b"vda" not in partitions:
+            await vc.enter_container(s, "d", f"p{uuid.uuid4().hex[:6]}", process)
+            exec_ids = list((await vc.fetch_sandbox(s)).container("d").execs)
+            partitions = await read_all(vc, s, "d", exec_ids[-1])
+            await trio.sleep(0.2)
+    assert b"8192 vda" in partitions
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)
