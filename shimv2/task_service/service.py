@@ -90,6 +90,8 @@ class ContainerHandle(AgentStreams, Protocol):
 
 
 class SandboxHandle(Protocol):
+    on_oom: Callable[[str], None] | None
+
     def container(self, cid: str) -> ContainerHandle: ...
 
 
@@ -243,6 +245,9 @@ class TaskService:
     def _publish(self, topic: str, event: Message) -> None:
         self._publisher.publish(topic, event)
 
+    def _publish_oom(self, cid: str) -> None:
+        self._publish("/tasks/oom", events.TaskOOM(container_id=cid))
+
     # -- lifecycle -------------------------------------------------------------------
 
     async def Create(
@@ -294,6 +299,7 @@ class TaskService:
                         containers=(config,),
                     )
                 )
+                (await self._vc.fetch_sandbox(sid)).on_oom = self._publish_oom
             pid = await self._vm_pid(sid)
         except BaseException:
             with trio.CancelScope(shield=True):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import signal as signals
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,6 +225,7 @@ class FakeSandbox:
         self.config = config
         self.state = "ready"
         self.containers: dict[str, FakeContainer] = {}
+        self.on_oom: Callable[[str], None] | None = None
 
     def container(self, cid: str) -> FakeContainer:
         try:

@@ -171,6 +171,7 @@ class VirtContainers:
         sandbox.vm = vm
         sandbox.spawn(sandbox._watch_vm)
         await sandbox.connect_agent(self.config.agent.dial_timeout)
+        sandbox.spawn(sandbox.watch_oom)
         for c in sandbox.containers.values():
             if c.state.state in ("running", "paused"):
                 sandbox.spawn(c.watch_init)  # the previous owner's watchers died with it

@@ -73,6 +73,8 @@ class Sandbox:
         self.vm_exited = trio.Event()
         self.taps: list[network.TapAttachment] = []
         self._releasing = False  # we are the ones stopping the VM
+        # Called with a container id when the guest reports an OOM kill in it.
+        self.on_oom: Callable[[str], None] | None = None
 
     @property
     def id(self) -> str:
@@ -138,6 +140,7 @@ class Sandbox:
         self.save()
         self.spawn(self._watch_vm)
         await self.connect_agent(config.agent.dial_timeout)
+        self.spawn(self.watch_oom)
         await self._configure_guest_network()
 
     async def _configure_guest_network(self) -> None:
@@ -186,6 +189,18 @@ class Sandbox:
                 task_status.started()
                 await trio.sleep_forever()
         self._agent = None
+
+    async def watch_oom(self) -> None:
+        """Relay the guest's OOM kills (GetOOMEvent blocks until one happens)."""
+        while not self.vm_gone:
+            try:
+                event = await self.agent.call(
+                    "GetOOMEvent", agent_pb2.GetOOMEventRequest(), agent_pb2.OOMEvent
+                )
+            except (Unavailable, NotFound):
+                return  # the agent or the VM is gone; nothing more will come
+            if event.container_id in self.containers and self.on_oom is not None:
+                self.on_oom(event.container_id)
 
     async def _watch_vm(self) -> None:
         assert self.vm is not None

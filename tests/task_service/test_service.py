@@ -536,3 +536,15 @@ async def test_duplicate_create(h: Harness) -> None:
     await h.create("c1")
     with pytest.raises(AlreadyExists):
         await h("Create", id="c1", bundle=str(h.tmp / "bundles" / "c1"))
+
+
+async def test_guest_oom_becomes_a_tasks_oom_event(h: Harness) -> None:
+    await h.create("c1")
+    await h("Start", id="c1")
+    sandbox = await h.vc.fetch_sandbox("c1")
+    assert sandbox.on_oom is not None
+    sandbox.on_oom("c1")
+    assert h.events.topics()[-1] == "/tasks/oom"
+    oom = h.events.events[-1][1]
+    assert isinstance(oom, events.TaskOOM)
+    assert oom.container_id == "c1"

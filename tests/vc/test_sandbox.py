@@ -358,3 +358,31 @@ async def test_add_device_hotplugs_a_disk_on_q35(vc: VirtContainers, tmp_path: P
     assert b"8192 vda" in partitions
     await vc.stop_sandbox(s)
     await vc.delete_sandbox(s)
+
+
+async def test_oom_in_the_guest_reaches_on_oom(vc: VirtContainers, tmp_path: Path) -> None:
+    s = sid()
+    hog = "exec /tmp/busybox head -c 60000000 /dev/zero > /tmp/fill"
+    script = f"/bin/busybox cp /bin/busybox /tmp/busybox && exec /tmp/busybox sh -c '{hog}'"
+    cc = container(tmp_path, "hog", ["sh", "-c", script])
+    spec = dict(cc.spec)
+    spec["mounts"] = [*spec["mounts"], {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs"}]
+    spec["linux"] = {**spec["linux"], "resources": {"memory": {"limit": 16 << 20}}}
+    sandbox = await vc.create_sandbox(
+        SandboxConfig(id=s, containers=(dataclasses.replace(cc, spec=spec),))
+    )
+    seen: list[str] = []
+    got = trio.Event()
+
+    def on_oom(cid: str) -> None:
+        seen.append(cid)
+        got.set()
+
+    sandbox.on_oom = on_oom
+    await vc.start_sandbox(s)
+    with trio.fail_after(60):
+        await got.wait()
+        assert await sandbox.container("hog").wait() == 137
+    assert seen == ["hog"]
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)
