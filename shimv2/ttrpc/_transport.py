@@ -39,33 +39,34 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
-class SocketTransport:
-    def __init__(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
-        self._sock = sock
+class _NonblockingTransport:
+    """What socket and fd transports share; subclasses say how to read and write."""
+
+    def __init__(self, handle: int | socket.socket) -> None:
+        self._handle = handle  # what trio waits on
         self._out = bytearray()
         self._drain_lock = trio.Lock()
         self._ready_streak = 0
         self._closed = False
 
-    @classmethod
-    def from_stream(cls, stream: trio.SocketStream) -> SocketTransport:
-        sock = stream.socket
-        return cls(socket.socket(sock.family, sock.type, fileno=sock.detach()))
+    def _read(self, max_bytes: int) -> bytes:
+        raise NotImplementedError
 
-    @property
-    def socket(self) -> socket.socket:
-        return self._sock
+    def _write(self, data: bytes | bytearray) -> int:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        raise NotImplementedError
 
     async def receive_some(self) -> bytes:
         while True:
             if self._closed:
                 raise trio.ClosedResourceError("transport closed")
             try:
-                data = self._sock.recv(RECEIVE_CHUNK)
+                data = self._read(RECEIVE_CHUNK)
             except BlockingIOError:
                 self._ready_streak = 0
-                await trio.lowlevel.wait_readable(self._sock)
+                await trio.lowlevel.wait_readable(self._handle)
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
@@ -79,65 +80,6 @@ class SocketTransport:
         if self._closed:
             raise trio.ClosedResourceError("transport closed")
         if not self._out:
-            sent = self._try_send(data)
-            if sent == len(data):
-                return
-            data = data[sent:]
-        self._out += data
-
-    def _try_send(self, data: bytes | bytearray) -> int:
-        try:
-            return self._sock.send(data)
-        except BlockingIOError:
-            return 0
-        except OSError as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
-
-    async def drain(self) -> None:
-        if not self._out:
-            return
-        async with self._drain_lock:
-            while self._out:
-                await trio.lowlevel.wait_writable(self._sock)
-                del self._out[: self._try_send(self._out)]
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            trio.lowlevel.notify_closing(self._sock)
-            self._sock.close()
-        await trio.lowlevel.checkpoint()
-
-
-class FdTransport:
-    """A character device such as a virtio-serial port (``/dev/vport0p1``).
-
-    The fd is set nonblocking and owned: ``aclose`` closes it. A read of 0
-    bytes is EOF (virtio-serial: the host side closed its socket).
-    """
-
-    def __init__(self, fd: int) -> None:
-        os.set_blocking(fd, False)
-        self._fd = fd
-        self._out = bytearray()
-        self._drain_lock = trio.Lock()
-        self._closed = False
-
-    async def receive_some(self) -> bytes:
-        while True:
-            if self._closed:
-                raise trio.ClosedResourceError("transport closed")
-            try:
-                return os.read(self._fd, RECEIVE_CHUNK)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._fd)
-            except OSError as exc:
-                raise trio.BrokenResourceError(str(exc)) from exc
-
-    def send_nowait(self, data: bytes) -> None:
-        if self._closed:
-            raise trio.ClosedResourceError("transport closed")
-        if not self._out:
             sent = self._try_write(data)
             if sent == len(data):
                 return
@@ -146,7 +88,7 @@ class FdTransport:
 
     def _try_write(self, data: bytes | bytearray) -> int:
         try:
-            return os.write(self._fd, data)
+            return self._write(data)
         except BlockingIOError:
             return 0
         except OSError as exc:
@@ -157,15 +99,62 @@ class FdTransport:
             return
         async with self._drain_lock:
             while self._out:
-                await trio.lowlevel.wait_writable(self._fd)
+                await trio.lowlevel.wait_writable(self._handle)
                 del self._out[: self._try_write(self._out)]
 
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            trio.lowlevel.notify_closing(self._fd)
-            os.close(self._fd)
+            trio.lowlevel.notify_closing(self._handle)
+            self._close()
         await trio.lowlevel.checkpoint()
+
+
+class SocketTransport(_NonblockingTransport):
+    def __init__(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        super().__init__(sock)
+        self._sock = sock
+
+    @classmethod
+    def from_stream(cls, stream: trio.SocketStream) -> SocketTransport:
+        sock = stream.socket
+        return cls(socket.socket(sock.family, sock.type, fileno=sock.detach()))
+
+    @property
+    def socket(self) -> socket.socket:
+        return self._sock
+
+    def _read(self, max_bytes: int) -> bytes:
+        return self._sock.recv(max_bytes)
+
+    def _write(self, data: bytes | bytearray) -> int:
+        return self._sock.send(data)
+
+    def _close(self) -> None:
+        self._sock.close()
+
+
+class FdTransport(_NonblockingTransport):
+    """A character device such as a virtio-serial port (``/dev/vport0p1``).
+
+    The fd is set nonblocking and owned: ``aclose`` closes it. A read of 0
+    bytes is EOF (virtio-serial: the host side closed its socket).
+    """
+
+    def __init__(self, fd: int) -> None:
+        os.set_blocking(fd, False)
+        super().__init__(fd)
+        self._fd = fd
+
+    def _read(self, max_bytes: int) -> bytes:
+        return os.read(self._fd, max_bytes)
+
+    def _write(self, data: bytes | bytearray) -> int:
+        return os.write(self._fd, data)
+
+    def _close(self) -> None:
+        os.close(self._fd)
 
 
 class StreamTransport:
