@@ -17,6 +17,7 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import enum
 import json
@@ -51,6 +52,7 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,75}$")
 MAX_READ = 1 << 20
 MAX_CONTAINERS = 1024
 MAX_EXECS = 256
+MAX_FINISHED_EXECS = 1024
 MAX_SIGNAL = 64
 DEFAULT_REMOVE_TIMEOUT = 30.0
 OOM_QUEUE = 64
@@ -91,6 +93,9 @@ class Container:
         self.cgroup = ""
         self.init: Process | None = None
         self.execs: dict[str, Process] = {}
+        # Execs forgotten after WaitProcess: a late read of their output is EOF,
+        # not NotFound (the host may read its last EOF after waiting). Bounded.
+        self.finished_execs: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.lock = trio.Lock()
         self._state = State.CREATING
         self.oom_kills = 0
@@ -435,6 +440,9 @@ class ContainerService:
         if proc.stdout.at_eof and proc.stderr.at_eof and container.execs.get(proc.exec_id) is proc:
             del container.execs[proc.exec_id]
             proc.close()
+            container.finished_execs[proc.exec_id] = None
+            while len(container.finished_execs) > MAX_FINISHED_EXECS:
+                container.finished_execs.popitem(last=False)
 
     # ---- stdio ----------------------------------------------------------------------------
 
@@ -462,9 +470,14 @@ class ContainerService:
     async def _read(
         self, req: agent_pb2.ReadStreamRequest, *, stdout: bool
     ) -> agent_pb2.ReadStreamResponse:
-        container, proc = self._process(req.container_id, req.exec_id)
         if req.len == 0:
             raise InvalidArgument("read of 0 bytes")
+        try:
+            container, proc = self._process(req.container_id, req.exec_id)
+        except NotFound:
+            if req.exec_id in self._container(req.container_id).finished_execs:
+                return agent_pb2.ReadStreamResponse(data=b"")
+            raise
         buffer = proc.stdout if stdout else proc.stderr
         data = await buffer.read(min(req.len, MAX_READ))
         if not data:

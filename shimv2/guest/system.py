@@ -33,6 +33,7 @@ AGENT_VERSION = "0.1.0"
 SHARED_TAG = "kataShared"
 SHARED_MOUNT = "/run/kata-containers/shared/containers"
 MODULES_LIST = "/etc/kata-py/modules"
+ONLINE_WAIT = 10.0  # seconds OnlineCPUMem waits for hotplugged CPUs and memory to appear
 STORAGE_HANDLERS = ("virtio-fs",)
 DEVICE_HANDLERS: tuple[str, ...] = ()
 
@@ -356,10 +357,20 @@ class SandboxService:
         return resp
 
     async def OnlineCPUMem(self, ctx: CallContext, req: agent_pb2.OnlineCPUMemRequest) -> Empty:
-        cpus = self._online_all(f"{self._sys}/devices/system/cpu", "cpu", req.nb_cpus or None)
-        mems = 0
-        if not req.cpu_only:
-            mems = self._online_all(f"{self._sys}/devices/system/memory", "memory", None)
+        # Hotplugged CPUs and DIMMs show up in sysfs a little after the host
+        # plugged them (an ACPI event): with ``wait``, poll for them, bounded.
+        cpu_root = f"{self._sys}/devices/system/cpu"
+        mem_root = f"{self._sys}/devices/system/memory"
+        cpus = self._online_all(cpu_root, "cpu", req.nb_cpus or None)
+        mems = 0 if req.cpu_only else self._online_all(mem_root, "memory", None)
+        with trio.move_on_after(ONLINE_WAIT if req.wait else 0):
+            while cpus < req.nb_cpus or (not req.cpu_only and mems == 0):
+                await trio.sleep(0.05)
+                cpus += self._online_all(cpu_root, "cpu", (req.nb_cpus - cpus) or None)
+                if not req.cpu_only:
+                    mems += self._online_all(mem_root, "memory", None)
+        if cpus < req.nb_cpus:
+            raise Internal(f"onlined {cpus} of {req.nb_cpus} cpus")
         log.info("onlined %d cpus and %d memory blocks", cpus, mems)
         return Empty()
 

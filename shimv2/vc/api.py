@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import trio
+from google.protobuf.empty_pb2 import Empty
 
 from shimv2.errdefs import FailedPrecondition, NotFound, ResourceExhausted
 from shimv2.pb.kata import agent_pb2, types_pb2
@@ -324,6 +325,19 @@ class VirtContainers:
             if f"rp{i}" not in used:
                 return f"rp{i}"
         raise ResourceExhausted(f"all {HOTPLUG_PORTS} hotplug ports are in use")
+
+    async def resize_vm(self, sid: str, *, vcpus: int = 0, add_memory_mib: int = 0) -> None:
+        """Grow the VM (q35): plug vCPUs up to ``vcpus`` and a DIMM, then online them."""
+        async with self._verb("ResizeVM", sandbox=sid):
+            sandbox = await self.fetch_sandbox(sid)
+            vm = sandbox._qemu()
+            added = await vm.hotplug_vcpus(vcpus) if vcpus else 0
+            if add_memory_mib:
+                await vm.hotplug_memory(add_memory_mib)
+            request = agent_pb2.OnlineCPUMemRequest(
+                wait=True, nb_cpus=added, cpu_only=not add_memory_mib
+            )
+            await sandbox.agent.call("OnlineCPUMem", request, Empty)
 
     async def list_interfaces(self, sid: str) -> list[types_pb2.Interface]:
         async with self._verb("ListInterfaces", sandbox=sid):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import trio
 
-from shimv2.errdefs import FailedPrecondition, InvalidArgument, Unavailable
+from shimv2.errdefs import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from shimv2.vc.accel import choose_accelerator
 from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.procs import Adopted, Child
@@ -37,6 +37,7 @@ FAST_PARAMS = (
 )  # fmt: skip
 ACCEL_CACHE = Path("/run/kata-py/accel.json")
 HOTPLUG_PORTS = 4  # q35 only: PCIe root ports free for device hotplug
+MEMORY_SLOTS = 8  # q35 only: DIMM slots for memory hotplug
 
 
 def default_guest_dir() -> Path:
@@ -69,6 +70,9 @@ class QemuConfig:
     accelerator: str = "auto"
     vcpus: int = 1
     memory_mib: int = 512
+    # Headroom for hotplug (q35 only): vCPUs and MiB the VM may grow to.
+    max_vcpus: int = 4
+    max_memory_mib: int = 4096
     kernel_params: tuple[str, ...] = ()
     # Directory exported to the guest over virtio-fs; None = no virtio-fs.
     shared_dir: str | None = None
@@ -267,7 +271,7 @@ class Qemu:
         argv = [
             cfg.binary, "-name", f"kata-py-{self.vm_id}",
             "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
-            "-smp", str(cfg.vcpus), "-m", f"{cfg.memory_mib}M",
+            *self._size_args(),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-serial", f"file:{self.console_path}",
             "-kernel", cfg.kernel, "-initrd", cfg.initrd, "-append", self.kernel_cmdline(),
@@ -301,6 +305,51 @@ class Qemu:
                 "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
             ]  # fmt: skip
         return [*argv, *cfg.extra_args]
+
+    def _size_args(self) -> list[str]:
+        cfg = self.config
+        if cfg.machine == "microvm":  # no hotplug: fixed size
+            return ["-smp", str(cfg.vcpus), "-m", f"{cfg.memory_mib}M"]
+        return [
+            "-smp", f"{cfg.vcpus},maxcpus={max(cfg.vcpus, cfg.max_vcpus)}",
+            "-m", f"{cfg.memory_mib}M,slots={MEMORY_SLOTS},"
+            f"maxmem={max(cfg.memory_mib, cfg.max_memory_mib)}M",
+        ]  # fmt: skip
+
+    async def hotplug_vcpus(self, total: int) -> int:
+        """Plug vCPUs until ``total`` are present; returns how many were added."""
+        if self.config.machine == "microvm":
+            raise FailedPrecondition("machine microvm cannot hotplug vCPUs; use q35")
+        slots = await self.qmp.execute("query-hotpluggable-cpus")
+        present = [s for s in slots if "qom-path" in s]
+        free = [s for s in slots if "qom-path" not in s]
+        wanted = total - len(present)
+        if wanted < 0:
+            raise FailedPrecondition(f"vm {self.vm_id}: vCPUs can only grow ({len(present)} now)")
+        if wanted > len(free):
+            raise ResourceExhausted(f"vm {self.vm_id}: at most {len(slots)} vCPUs")
+        for slot in free[:wanted]:
+            props = slot["props"]
+            ids = (props.get(k, 0) for k in ("socket-id", "core-id", "thread-id"))
+            name = "cpu-" + "-".join(map(str, ids))
+            await self.qmp.execute("device_add", {"driver": slot["type"], "id": name, **props})
+        return wanted
+
+    async def hotplug_memory(self, add_mib: int) -> None:
+        """Add one DIMM of ``add_mib`` MiB, shared like the rest of guest RAM."""
+        if self.config.machine == "microvm":
+            raise FailedPrecondition("machine microvm cannot hotplug memory; use q35")
+        if add_mib <= 0 or add_mib % 128:
+            raise InvalidArgument("memory is added in multiples of 128 MiB")
+        n = len(await self.qmp.execute("query-memory-devices"))
+        await self.qmp.execute(
+            "object-add",
+            {"qom-type": "memory-backend-memfd", "id": f"hotmem{n}",
+             "size": add_mib << 20, "share": True},
+        )  # fmt: skip
+        await self.qmp.execute(
+            "device_add", {"driver": "pc-dimm", "id": f"dimm{n}", "memdev": f"hotmem{n}"}
+        )
 
     def _log_tail(self) -> str:
         try:

@@ -386,3 +386,27 @@ async def test_oom_in_the_guest_reaches_on_oom(vc: VirtContainers, tmp_path: Pat
     assert seen == ["hog"]
     await vc.stop_sandbox(s)
     await vc.delete_sandbox(s)
+
+
+async def test_resize_vm_grows_memory_on_q35(vc: VirtContainers, tmp_path: Path) -> None:
+    hyp = dataclasses.replace(vc.config.hypervisor, machine_type="q35")
+    vc.config = dataclasses.replace(vc.config, hypervisor=hyp)
+    s = sid()
+    cfg = SandboxConfig(id=s, containers=(container(tmp_path, "c", ["sleep", "1000"]),))
+    await vc.run_sandbox(cfg)
+
+    async def guest(cmd: str) -> str:
+        eid = f"x{uuid.uuid4().hex[:6]}"
+        process = {"args": ["sh", "-c", cmd], "cwd": "/", "user": {"uid": 0, "gid": 0}}
+        await vc.enter_container(s, "c", eid, process)
+        return (await read_all(vc, s, "c", eid)).decode()
+
+    mem_before = int((await guest("grep MemTotal /proc/meminfo")).split()[1])
+    await vc.resize_vm(s, add_memory_mib=256)
+    mem_after = int((await guest("grep MemTotal /proc/meminfo")).split()[1])
+    assert mem_after - mem_before == 256 * 1024
+    with pytest.raises(errdefs.InvalidArgument, match="multiples of 128"):
+        await vc.resize_vm(s, add_memory_mib=100)
+
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)
