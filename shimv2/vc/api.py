@@ -347,23 +347,61 @@ class VirtContainers:
             )
             return list(reply.Interfaces)
 
-    async def add_interface(self, sid: str, interface: types_pb2.Interface) -> types_pb2.Interface:
-        """Configure an interface in the guest (matched by MAC address)."""
+    async def add_interface(self, sid: str, name: str) -> types_pb2.Interface:
+        """Hotplug the pod netns link ``name`` into the VM (q35) and configure it in the guest."""
         async with self._verb("AddInterface", sandbox=sid):
             sandbox = await self.fetch_sandbox(sid)
-            request = agent_pb2.UpdateInterfaceRequest(interface=interface)
-            return await sandbox.agent.call("UpdateInterface", request, types_pb2.Interface)
+            vm = sandbox._qemu()
+            if vm.config.machine == "microvm":
+                raise FailedPrecondition("machine microvm cannot hotplug NICs; use q35")
+            tap = await sandbox.attach_endpoint(name)
+            try:
+                await vm.qmp.getfd(tap.tap, tap.fd)
+                await vm.qmp.execute(
+                    "netdev_add", {"type": "tap", "id": tap.netdev_id, "fd": tap.tap}
+                )
+                await vm.qmp.execute(
+                    "device_add",
+                    {"driver": "virtio-net-pci", "id": f"nic-{tap.netdev_id}",
+                     "netdev": tap.netdev_id, "mac": tap.mac, "romfile": "",
+                     "bus": await self._free_root_port(vm)},
+                )  # fmt: skip
+            finally:
+                tap.close()  # QEMU has its own copy, or the attach is undone below
+            interface = tap.endpoint.to_interface()
+            with trio.fail_after(self.config.agent.request_timeout):
+                while True:  # the guest sees the NIC a moment after the ACPI event
+                    try:
+                        request = agent_pb2.UpdateInterfaceRequest(interface=interface)
+                        return await sandbox.agent.call(
+                            "UpdateInterface", request, types_pb2.Interface
+                        )
+                    except NotFound:
+                        await trio.sleep(0.1)
 
-    async def remove_interface(self, sid: str, interface: types_pb2.Interface) -> None:
-        """Take an interface's addresses away and bring it down in the guest."""
+    async def remove_interface(self, sid: str, name: str) -> None:
+        """Unplug a hotplugged NIC: guest addresses off, device and tap removed."""
         async with self._verb("RemoveInterface", sandbox=sid):
             sandbox = await self.fetch_sandbox(sid)
-            down = types_pb2.Interface()
-            down.CopyFrom(interface)
+            vm = sandbox._qemu()
+            tap = sandbox.tap_for(name)
+            down = tap.endpoint.to_interface()
             del down.IPAddresses[:]
-            down.raw_flags = 0
-            request = agent_pb2.UpdateInterfaceRequest(interface=down)
-            await sandbox.agent.call("UpdateInterface", request, types_pb2.Interface)
+            await sandbox.agent.call(
+                "UpdateInterface",
+                agent_pb2.UpdateInterfaceRequest(interface=down),
+                types_pb2.Interface,
+            )
+            await vm.qmp.execute("device_del", {"id": f"nic-{tap.netdev_id}"})
+            with trio.fail_after(30):  # the guest acknowledges the unplug (ACPI)
+                while await self._device_present(vm, f"nic-{tap.netdev_id}"):  # noqa: ASYNC110 - the bridge polls; no QMP event stream yet
+                    await trio.sleep(0.1)
+            await vm.qmp.execute("netdev_del", {"id": tap.netdev_id})
+            await sandbox.detach_endpoint(tap)
+
+    async def _device_present(self, vm: Qemu, device: str) -> bool:
+        found = await vm.qmp.execute("qom-list", {"path": "/machine/peripheral"})
+        return any(d["name"] == device for d in found)
 
     async def update_routes(self, sid: str, routes: list[types_pb2.Route]) -> list[types_pb2.Route]:
         async with self._verb("UpdateRoutes", sandbox=sid):

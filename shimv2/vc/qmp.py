@@ -70,6 +70,18 @@ class Qmp:
         except ExecuteError as exc:
             raise FailedPrecondition(f"qmp {self._name}: {command}: {exc}") from exc
 
+    async def getfd(self, name: str, fd: int) -> None:
+        """Hand ``fd`` to QEMU under ``name`` (SCM_RIGHTS on the QMP socket, then getfd)."""
+        client = self._client
+        if client is None:
+            raise Unavailable(f"qmp {self._name}: not connected")
+
+        async def send() -> None:
+            client.send_fd_scm(fd)  # must run on the loop that owns the socket
+            await client.execute("getfd", {"fdname": name})
+
+        await self._run(send())
+
     async def aclose(self) -> None:
         """Disconnect and stop the loop thread; safe to call twice."""
         client, self._client = self._client, None

@@ -339,6 +339,35 @@ class Sandbox:
             await kill_recorded(self.state)
         await self.release_network()
 
+    async def attach_endpoint(self, name: str) -> network.TapAttachment:
+        """Attach a tap to the netns link ``name`` that has none yet (for hotplug)."""
+        if not self.state.netns:
+            raise FailedPrecondition(f"sandbox {self.id} has no network namespace")
+        if any(t.endpoint.name == name for t in self.taps):
+            raise AlreadyExists(f"interface {name} is already in sandbox {self.id}")
+        endpoints = await trio.to_thread.run_sync(network.scan, self.state.netns)
+        endpoint = next((e for e in endpoints if e.name == name), None)
+        if endpoint is None:
+            raise NotFound(f"no interface {name} with an address in {self.state.netns}")
+        index = max((t.index for t in self.taps), default=-1) + 1
+        tap = await trio.to_thread.run_sync(network.attach, self.state.netns, endpoint, index)
+        self.taps.append(tap)
+        self.state.taps.append(f"{tap.index}:{endpoint.name}")
+        self.save()
+        return tap
+
+    def tap_for(self, name: str) -> network.TapAttachment:
+        tap = next((t for t in self.taps if t.endpoint.name == name), None)
+        if tap is None:
+            raise NotFound(f"interface {name} is not in sandbox {self.id}")
+        return tap
+
+    async def detach_endpoint(self, tap: network.TapAttachment) -> None:
+        await trio.to_thread.run_sync(network.detach, self.state.netns, tap)
+        self.taps.remove(tap)
+        self.state.taps.remove(f"{tap.index}:{tap.endpoint.name}")
+        self.save()
+
     async def release_network(self) -> None:
         """Remove the taps and tc filters; from the state alone if needed."""
         if not self.state.netns or not self.state.taps:

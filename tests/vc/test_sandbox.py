@@ -410,3 +410,47 @@ async def test_resize_vm_grows_memory_on_q35(vc: VirtContainers, tmp_path: Path)
 
     await vc.stop_sandbox(s)
     await vc.delete_sandbox(s)
+
+
+async def test_nic_hotplug_add_and_remove_on_q35(
+    vc: VirtContainers, tmp_path: Path, pod_netns: tuple[str, str, str]
+) -> None:
+    netns, _, name = pod_netns
+    hyp = dataclasses.replace(vc.config.hypervisor, machine_type="q35")
+    vc.config = dataclasses.replace(vc.config, hypervisor=hyp)
+    s = sid()
+    cfg = SandboxConfig(
+        id=s, netns=netns, containers=(container(tmp_path, "c", ["sleep", "1000"]),)
+    )
+    await vc.run_sandbox(cfg)
+    # CNI adds a second interface to the running pod.
+    n = int(uuid.uuid4().hex[:2], 16) % 200 + 20
+    host_end = f"kx{uuid.uuid4().hex[:6]}"
+
+    async def ip(*args: str) -> None:
+        await trio.run_process(["ip", *args], capture_stdout=True)
+
+    await ip("link", "add", host_end, "type", "veth", "peer", "name", "eth1", "netns", name)
+    try:
+        await ip("addr", "add", f"10.78.{n}.1/24", "dev", host_end)
+        await ip("link", "set", host_end, "up")
+        await ip("netns", "exec", name, "ip", "addr", "add", f"10.78.{n}.2/24", "dev", "eth1")
+        await ip("netns", "exec", name, "ip", "link", "set", "eth1", "up")
+        added = await vc.add_interface(s, "eth1")
+        assert f"10.78.{n}.2" in [a.address for a in added.IPAddresses]
+        ping = ["busybox", "ping", "-c", "1", "-W", "10", f"10.78.{n}.2"]
+        assert (await trio.run_process(ping, check=False, capture_stdout=True)).returncode == 0
+        with pytest.raises(errdefs.AlreadyExists):
+            await vc.add_interface(s, "eth1")
+        await vc.remove_interface(s, "eth1")
+        addresses = [a.address for i in await vc.list_interfaces(s) for a in i.IPAddresses]
+        assert f"10.78.{n}.2" not in addresses
+        links = await trio.run_process(
+            ["ip", "netns", "exec", name, "ip", "-o", "link"], capture_stdout=True
+        )
+        assert b"tap1_kata" not in links.stdout
+        assert b"tap0_kata" in links.stdout
+    finally:
+        await trio.run_process(["ip", "link", "del", host_end], check=False)
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)
