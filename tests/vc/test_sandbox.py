@@ -312,7 +312,14 @@ async def test_pod_network_reaches_the_guest(
     addresses = [a.address for i in interfaces for a in i.IPAddresses]
     assert pod_ip in addresses
     routes = await vc.list_routes(s)
-    assert any(r.gateway == pod_ip.rsplit(".", 1)[0] + ".1" for r in routes)
+    gateway = pod_ip.rsplit(".", 1)[0] + ".1"
+    assert any(r.gateway == gateway for r in routes)
+    # UpdateRoutes replaces the guest's routes: without the default route it is gone.
+    kept = [r for r in routes if r.gateway != gateway]
+    assert not any(r.gateway == gateway for r in await vc.update_routes(s, kept))
+    assert not any(r.gateway == gateway for r in await vc.list_routes(s))
+    await vc.update_routes(s, routes)
+    assert any(r.gateway == gateway for r in await vc.list_routes(s))
     # The guest kernel answers ping through tap0_kata and the tc redirect.
     ping = await trio.run_process(
         ["busybox", "ping", "-c", "1", "-W", "10", pod_ip], capture_stdout=True, check=False
