@@ -167,7 +167,7 @@ class VirtContainers:
             log.warning("sandbox %s: VM is gone (%s)", state.id, exc)
             sandbox.vm_gone = True
             for c in sandbox.containers.values():
-                c.mark_exited(255)
+                c.vm_lost()
             return
         sandbox.vm = vm
         sandbox.spawn(sandbox._watch_vm)

@@ -130,18 +130,24 @@ class Container:
             status = reply.status
         except Error as exc:
             log.warning("container %s: wait failed: %s", self.id, exc)
-            status = VM_GONE_STATUS
+            self.vm_lost()
+            return
         self.mark_exited(status)
 
+    def vm_lost(self) -> None:
+        """The VM (or the way to it) is gone: every process ends with 255."""
+        self.mark_exited(VM_GONE_STATUS)
+        # No WaitProcess will ever answer for the execs.
+        for ex in self.execs.values():
+            ex.set(VM_GONE_STATUS)
+
     def mark_exited(self, status: int) -> None:
-        """Record the init's exit (also used when the VM died: 255)."""
+        """Record the init's exit; execs report their own through their watchers."""
         if self.state.state in ("created", "running", "paused", "starting"):
             self.state.state = "stopped"
             self.state.exit_status = status
             self.sandbox.save()
         self.init_exit.set(status if self.state.exit_status is None else self.state.exit_status)
-        for ex in self.execs.values():
-            ex.set(VM_GONE_STATUS if status == VM_GONE_STATUS else ex.status or status)
 
     async def wait(self) -> int:
         return await self.init_exit.wait()

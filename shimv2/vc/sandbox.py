@@ -25,7 +25,7 @@ from shimv2.pb.kata import agent_pb2, types_pb2
 from shimv2.vc import network, storage
 from shimv2.vc.agent import AgentClient, connect_agent
 from shimv2.vc.config import Config, apply_annotations
-from shimv2.vc.container import VM_GONE_STATUS, Container, ContainerConfig, ContainerStatus
+from shimv2.vc.container import Container, ContainerConfig, ContainerStatus
 from shimv2.vc.factory import Factory
 from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.ids import container_id, sandbox_id
@@ -210,7 +210,7 @@ class Sandbox:
         if not self._releasing:
             log.error("sandbox %s: VM exited (%d); every task exits with 255", self.id, status)
         for c in self.containers.values():
-            c.mark_exited(VM_GONE_STATUS)
+            c.vm_lost()
         if self._agent_scope is not None:
             self._agent_scope.cancel()
 
@@ -323,7 +323,7 @@ class Sandbox:
                 await self.agent.call("DestroySandbox", agent_pb2.DestroySandboxRequest(), Empty)
         await self.release_vm()
         for c in self.containers.values():
-            c.mark_exited(VM_GONE_STATUS)
+            c.vm_lost()
         self.state.state = "stopped"
         self.save()
         if errors:
