@@ -170,7 +170,7 @@ class VirtContainers:
                 c.vm_lost()
             return
         sandbox.vm = vm
-        sandbox.spawn(sandbox._watch_vm)
+        sandbox.spawn(sandbox.watch_vm)
         await sandbox.connect_agent(self.config.agent.dial_timeout)
         sandbox.spawn(sandbox.watch_oom)
         for c in sandbox.containers.values():
@@ -296,7 +296,7 @@ class VirtContainers:
         """Hotplug a block device (a file or block special) into the VM."""
         async with self._verb("AddDevice", sandbox=sid, device=device_id):
             sandbox = await self.fetch_sandbox(sid)
-            vm = sandbox._qemu()
+            vm = sandbox.running_vm()
             if vm.config.machine == "microvm":
                 raise FailedPrecondition("machine microvm cannot hotplug devices; use q35")
             container_id(device_id)  # same character set; it becomes a QEMU id
@@ -330,7 +330,7 @@ class VirtContainers:
         """Grow the VM (q35): plug vCPUs up to ``vcpus`` and a DIMM, then online them."""
         async with self._verb("ResizeVM", sandbox=sid):
             sandbox = await self.fetch_sandbox(sid)
-            vm = sandbox._qemu()
+            vm = sandbox.running_vm()
             added = await vm.hotplug_vcpus(vcpus) if vcpus else 0
             if add_memory_mib:
                 await vm.hotplug_memory(add_memory_mib)
@@ -351,7 +351,7 @@ class VirtContainers:
         """Hotplug the pod netns link ``name`` into the VM (q35) and configure it in the guest."""
         async with self._verb("AddInterface", sandbox=sid):
             sandbox = await self.fetch_sandbox(sid)
-            vm = sandbox._qemu()
+            vm = sandbox.running_vm()
             if vm.config.machine == "microvm":
                 raise FailedPrecondition("machine microvm cannot hotplug NICs; use q35")
             tap = await sandbox.attach_endpoint(name)
@@ -383,7 +383,7 @@ class VirtContainers:
         """Unplug a hotplugged NIC: guest addresses off, device and tap removed."""
         async with self._verb("RemoveInterface", sandbox=sid):
             sandbox = await self.fetch_sandbox(sid)
-            vm = sandbox._qemu()
+            vm = sandbox.running_vm()
             tap = sandbox.tap_for(name)
             down = tap.endpoint.to_interface()
             del down.IPAddresses[:]

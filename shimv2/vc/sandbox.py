@@ -138,7 +138,7 @@ class Sandbox:
                 t.close()  # QEMU holds its own copies now
         self._record_vm(self.vm)
         self.save()
-        self.spawn(self._watch_vm)
+        self.spawn(self.watch_vm)
         await self.connect_agent(config.agent.dial_timeout)
         self.spawn(self.watch_oom)
         await self._configure_guest_network()
@@ -202,7 +202,7 @@ class Sandbox:
             if event.container_id in self.containers and self.on_oom is not None:
                 self.on_oom(event.container_id)
 
-    async def _watch_vm(self) -> None:
+    async def watch_vm(self) -> None:
         assert self.vm is not None
         status = await self.vm.wait_exited()
         self.vm_gone = True
@@ -288,18 +288,18 @@ class Sandbox:
     async def pause(self) -> None:
         if self.state.state != "running":
             raise FailedPrecondition(f"cannot pause sandbox {self.id} in state {self.state.state}")
-        await self._qemu().qmp.execute("stop")
+        await self.running_vm().qmp.execute("stop")
         self.state.state = "paused"
         self.save()
 
     async def resume(self) -> None:
         if self.state.state != "paused":
             raise FailedPrecondition(f"cannot resume sandbox {self.id} in state {self.state.state}")
-        await self._qemu().qmp.execute("cont")
+        await self.running_vm().qmp.execute("cont")
         self.state.state = "running"
         self.save()
 
-    def _qemu(self) -> Qemu:
+    def running_vm(self) -> Qemu:
         if self.vm is None or self.vm_gone:
             raise Unavailable(f"sandbox {self.id}: the VM is not running")
         return self.vm
