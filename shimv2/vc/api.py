@@ -152,7 +152,7 @@ class VirtContainers:
 
     async def _reattach(self, sandbox: Sandbox) -> None:
         state = sandbox.state
-        qemu_config = self.config.hypervisor.qemu(state.shared_dir or None)
+        qemu_config = self.config.qemu(state.shared_dir or None)
         try:
             vm = await Qemu.adopt(
                 state.id,

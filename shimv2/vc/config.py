@@ -79,6 +79,18 @@ class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
+    def qemu(self, shared_dir: str | None) -> QemuConfig:
+        """The VM to launch; the agent's settings travel on the kernel command line."""
+        if self.agent.oci_runtime not in ("crun", "runc"):
+            raise InvalidArgument(
+                f"agent.kata.oci_runtime must be crun or runc: {self.agent.oci_runtime!r}"
+            )
+        qemu = self.hypervisor.qemu(shared_dir)
+        params = [f"kata_py.runtime={self.agent.oci_runtime}"]
+        if self.runtime.enable_debug:
+            params.append("kata_py.debug=1")
+        return dataclasses.replace(qemu, kernel_params=(*qemu.kernel_params, *params))
+
 
 def _section(cls: type[Any], table: Mapping[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}

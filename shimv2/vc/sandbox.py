@@ -116,7 +116,7 @@ class Sandbox:
         shared.mkdir(mode=0o700, exist_ok=True)
         self.state.shared_dir = str(shared)
         self.state.vm_dir = str(self.store.vm_dir(self.id))
-        qemu_config = config.hypervisor.qemu(str(shared))
+        qemu_config = config.qemu(str(shared))
         if self.state.netns:
             self.taps = await network.add_interfaces(self.state.netns)
             self.state.taps = [f"{t.index}:{t.endpoint.name}" for t in self.taps]

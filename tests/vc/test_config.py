@@ -105,3 +105,13 @@ def test_permitted_annotations_apply() -> None:
 def test_other_annotations_are_refused(key: str, value: str, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         apply_annotations(parse_config(SAMPLE), {key: value})
+
+
+def test_agent_settings_reach_the_kernel_command_line() -> None:
+    config = parse_config('[agent.kata]\noci_runtime = "runc"\n[runtime]\nenable_debug = true\n')
+    params = config.qemu("/shared").kernel_params
+    assert "kata_py.runtime=runc" in params
+    assert "kata_py.debug=1" in params
+    assert "kata_py.runtime=crun" in Config().qemu(None).kernel_params
+    with pytest.raises(InvalidArgument, match="crun or runc"):
+        parse_config('[agent.kata]\noci_runtime = "youki"\n').qemu(None)

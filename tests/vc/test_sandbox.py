@@ -461,3 +461,20 @@ async def test_nic_hotplug_add_and_remove_on_q35(
         await trio.run_process(["ip", "link", "del", host_end], check=False)
     await vc.stop_sandbox(s)
     await vc.delete_sandbox(s)
+
+
+async def test_runc_is_selectable_in_the_guest(vc: VirtContainers, tmp_path: Path) -> None:
+    agent = dataclasses.replace(vc.config.agent, oci_runtime="runc")
+    vc.config = dataclasses.replace(vc.config, agent=agent)
+    s = sid()
+    cfg = SandboxConfig(
+        id=s, containers=(container(tmp_path, "c", ["sh", "-c", "echo $0; exit 6"]),)
+    )
+    sandbox = await vc.run_sandbox(cfg)
+    assert sandbox.vm is not None
+    assert "kata_py.runtime=runc" in sandbox.vm.kernel_cmdline()
+    with trio.fail_after(60):
+        assert await sandbox.container("c").wait() == 6
+    assert "runtime='runc'" in sandbox.vm.console_path.read_text()  # the agent's start line
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)
