@@ -279,8 +279,9 @@ async def run(options: Options, out: TextIO) -> None:
         with trio.fail_after(30):  # every step is bounded; this bounds them all
             report = await trio.to_thread.run_sync(guest_setup, GuestOS())
         log.info(
-            "guest setup: %d modules, lo up=%s, ports=%s, shared=%s, subreaper=%s",
-            report.modules, report.lo_up, report.ports, report.shared, report.subreaper,
+            "guest setup done at uptime %s: %d modules, lo up=%s, ports=%s, shared=%s, "
+            "subreaper=%s",
+            uptime(), report.modules, report.lo_up, report.ports, report.shared, report.subreaper,
         )  # fmt: skip
     reaper = make_reaper()
     ip = IpCommand(runner=reaper_runner(reaper)) if reaper is not None else None
@@ -309,7 +310,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cmdline = ""
     options = parse_options(sys.argv[1:] if argv is None else argv, cmdline)
     out = setup_logging(options.debug, options.guest_setup)
-    log.info("starting (pid %d, options %s)", os.getpid(), options)
+    # Uptimes in the start lines show where boot time goes (imports, setup, serving).
+    log.info("starting at uptime %s (pid %d, options %s)", uptime(), os.getpid(), options)
     try:
         trio.run(run, options, out)
     except ch.ChannelError as exc:
