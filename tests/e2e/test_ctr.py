@@ -215,3 +215,26 @@ def test_vm_death_ends_the_task_with_255_and_the_shim_goes(cd: Containerd) -> No
             run.kill()
             run.wait()
         remove(cd, name)
+
+
+def test_a_killed_shim_is_cleaned_up_by_delete(cd: Containerd) -> None:
+    name = cid()
+    run_detached(cd, name, "sleep", "1000")
+    try:
+        assert len(shim_pids()) == 1
+        assert [p for p in vm_processes(f"kata-py-{name}") if "qemu-system" in p]
+        os.kill(shim_pids()[0], 9)
+        # containerd notices the dead shim and runs `containerd-shim-kata-py-v2 delete`,
+        # which must clean up from the persisted state alone.
+        deadline = time.monotonic() + 60
+        while vm_processes(f"kata-py-{name}") or vm_processes(f"/vm/{name}/"):
+            assert time.monotonic() < deadline, vm_processes(f"kata-py-{name}")
+            time.sleep(0.5)
+        cd.ctr("task", "rm", "-f", name, check=False)
+        cd.ctr("containers", "rm", name)
+        assert not os.path.exists(f"/run/kata-py/sbs/{name}")
+        assert not os.path.exists(f"/run/kata-py/vm/{name}")
+        with open("/proc/self/mountinfo") as f:
+            assert [line for line in f if f"/sbs/{name}/" in line] == []
+    finally:
+        remove(cd, name)
