@@ -114,6 +114,7 @@ class Qemu:
         self._vsock_cid: int | None = None
         self._exited = trio.Event()
         self._exit_status: int | None = None
+        self._stopping = False
 
     # -- paths -------------------------------------------------------------
 
@@ -178,6 +179,8 @@ class Qemu:
                     "qemu", self.argv(), stderr=qemu_log.fileno(), pass_fds=self.config.pass_fds
                 )
             nursery.start_soon(self._watch, self._qemu)
+            if self._virtiofsd is not None:
+                nursery.start_soon(self._watch_virtiofsd, self._virtiofsd)
             self._qmp = Qmp(self.vm_id)
             await self._connect_qmp()
         except BaseException:
@@ -213,6 +216,8 @@ class Qemu:
             vm._virtiofsd = Adopted("virtiofsd", virtiofsd_pid)
         vm._vsock_cid = vsock_cid or None
         nursery.start_soon(vm._watch, vm._qemu)
+        if vm._virtiofsd is not None:
+            nursery.start_soon(vm._watch_virtiofsd, vm._virtiofsd)
         vm._qmp = Qmp(vm_id)
         try:
             with trio.fail_after(5):
@@ -231,6 +236,15 @@ class Qemu:
         if self._virtiofsd is not None:
             await self._virtiofsd.stop()
 
+    async def _watch_virtiofsd(self, virtiofsd: Child | Adopted) -> None:
+        """A VM whose virtiofsd died has lost its containers' root filesystems: end it."""
+        status = await virtiofsd.wait()
+        if self._exited.is_set() or self._stopping:
+            return
+        log.error("vm %s: virtiofsd exited (%d); stopping the VM", self.vm_id, status)
+        if self._qemu is not None:
+            await self._qemu.stop(grace=1.0)
+
     async def wait_exited(self) -> int:
         await self._exited.wait()
         assert self._exit_status is not None
@@ -241,6 +255,7 @@ class Qemu:
         return self._exited.is_set()
 
     async def shutdown(self, timeout: float = 5.0) -> None:
+        self._stopping = True
         if self._qemu is not None and self._qemu.returncode is None and self._qmp is not None:
             with trio.move_on_after(min(2.0, timeout)):
                 try:

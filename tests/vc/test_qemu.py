@@ -82,3 +82,16 @@ async def test_command_line_for_both_machines(tmp_path: Path) -> None:
     assert "-M q35,memory-backend=mem" in q35
     assert "vhost-user-fs-pci" in q35
     assert "virtio-serial-pci" in q35
+
+
+async def test_virtiofsd_death_ends_the_vm(tmp_path: Path, nursery: trio.Nursery) -> None:
+    vm = _vm(tmp_path)
+    await vm.start(nursery)
+    try:
+        assert vm.virtiofsd_pid is not None
+        os.kill(vm.virtiofsd_pid, signal.SIGKILL)
+        with trio.fail_after(10):
+            await vm.wait_exited()
+    finally:
+        await vm.shutdown()
+    assert vm_processes(vm.vm_id) == []
