@@ -1,10 +1,22 @@
-"""``kata-py``: the admin command line."""
+"""``kata-py``: the admin command line.
+
+``check`` says whether this host can run kata-py (and which accelerator a VM
+would get); ``env`` prints the effective configuration and paths; ``list``
+shows the sandboxes in the state directory.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import os
+import shutil
 import sys
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
+
+import trio
 
 
 def package_version() -> str:
@@ -14,19 +26,109 @@ def package_version() -> str:
         return "0+unknown"
 
 
+def _checks(config_path: str | None) -> list[tuple[str, bool, str]]:
+    from shimv2.vc.config import load_config
+
+    config = load_config(config_path)
+    hyp = config.hypervisor
+    out: list[tuple[str, bool, str]] = []
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        out.append((name, ok, detail))
+
+    qemu = shutil.which(hyp.path)
+    check("hypervisor", qemu is not None, qemu or f"{hyp.path} not found")
+    check("virtiofsd", os.access(hyp.virtio_fs_daemon, os.X_OK), hyp.virtio_fs_daemon)
+    for what, path in (("guest kernel", hyp.kernel), ("guest initrd", hyp.initrd)):
+        check(what, os.path.isfile(path), path)
+    check("/dev/net/tun", os.path.exists("/dev/net/tun"), "taps for the pod network")
+    check("root", os.geteuid() == 0, "mounts, taps and namespaces need root")
+    v2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
+    check("host cgroups", True, "v2" if v2 else "v1 (stats are reported as cgroups v1 Metrics)")
+    check(
+        "vsock",
+        True,
+        "/dev/vhost-vsock present"
+        if os.path.exists("/dev/vhost-vsock")
+        else "absent: virtio-serial",
+    )
+    if qemu is not None and os.path.isfile(hyp.kernel):
+        from shimv2.vc.accel import choose_accelerator
+        from shimv2.vc.qemu import ACCEL_CACHE
+
+        accel, reason = trio.run(choose_accelerator, hyp.accelerator, qemu, hyp.kernel, ACCEL_CACHE)
+        check("accelerator", True, f"{accel} ({reason})")
+    return out
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    failed = 0
+    for name, ok, detail in _checks(args.config):
+        failed += not ok
+        print(f"{'ok ' if ok else 'FAIL'} {name:14} {detail}")
+    print("this host can run kata-py" if not failed else f"{failed} check(s) failed")
+    return 1 if failed else 0
+
+
+def cmd_env(args: argparse.Namespace) -> int:
+    from shimv2.vc.config import load_config
+
+    config = load_config(args.config)
+    env = {
+        "version": package_version(),
+        "config_file": args.config
+        or os.environ.get("KATA_PY_CONFIG")
+        or "/etc/kata-py/configuration.toml",
+        **dataclasses.asdict(config),
+    }
+    print(json.dumps(env, indent=2, default=list))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from shimv2.vc.config import load_config
+    from shimv2.vc.persist import Store
+
+    store = Store(load_config(args.config).runtime.state_dir)
+    for sid in store.list():
+        state = store.load(sid)
+        print(
+            f"{sid}\t{state.state}\tqemu={state.qemu_pid}\tcontainers={','.join(state.containers)}"
+        )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kata-py", description="Run containerd pods in their own QEMU VMs."
     )
     parser.add_argument("--version", action="version", version=f"kata-py {package_version()}")
+    parser.add_argument("--config", help="configuration file (default: $KATA_PY_CONFIG or /etc)")
+    sub = parser.add_subparsers(dest="command")
+    commands: dict[str, tuple[str, Callable[[argparse.Namespace], int]]] = {
+        "check": ("can this host run kata-py?", cmd_check),
+        "env": ("the effective configuration, as JSON", cmd_env),
+        "list": ("sandboxes in the state directory", cmd_list),
+    }
+    for name, (help_text, fn) in commands.items():
+        sub.add_parser(name, help=help_text).set_defaults(func=fn)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 0
+    from shimv2.errdefs import Error
+
+    try:
+        result: int = args.func(args)
+    except Error as exc:
+        print(f"kata-py: {exc.message}", file=sys.stderr)
+        return 2
+    return result
 
 
 if __name__ == "__main__":
