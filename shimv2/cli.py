@@ -56,7 +56,9 @@ def _checks(config_path: str | None) -> list[tuple[str, bool, str]]:
         from shimv2.vc.accel import choose_accelerator
         from shimv2.vc.qemu import ACCEL_CACHE
 
-        accel, reason = trio.run(choose_accelerator, hyp.accelerator, qemu, hyp.kernel, ACCEL_CACHE)
+        accel, reason = trio.run(
+            choose_accelerator, hyp.accelerator, hyp.path, hyp.kernel, ACCEL_CACHE
+        )
         check("accelerator", True, f"{accel} ({reason})")
     return out
 
