@@ -46,10 +46,11 @@ def state_dir() -> Any:
     mounts = _mounts_under(path)
     for m in reversed(mounts):
         subprocess.run(["umount", "-l", m], check=False)
+    left = os.listdir(f"{path}/sbs") if os.path.exists(f"{path}/sbs") else []
+    shutil.rmtree(path, ignore_errors=True)  # before asserting: never leave it behind
     assert leaks == []
     assert mounts == []
-    assert not os.path.exists(f"{path}/sbs") or os.listdir(f"{path}/sbs") == []
-    shutil.rmtree(path, ignore_errors=True)
+    assert left == []
 
 
 @pytest.fixture
