@@ -7,6 +7,7 @@ place, ``_status.status_from_exception``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -37,6 +38,7 @@ from shimv2.ttrpc._unix import PeerCredentials, peer_credentials
 log = logging.getLogger(__name__)
 
 MAX_IN_FLIGHT = 1024
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +106,7 @@ class Server:
 
     async def serve(
         self,
-        listener: trio.SocketListener,
+        listener: trio.abc.Listener[trio.SocketStream],
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
@@ -116,6 +118,14 @@ class Server:
                     stream = await listener.accept()
                 except trio.ClosedResourceError:
                     return  # the listener was closed: stop accepting, finish the rest
+                except OSError as exc:
+                    if exc.errno not in _RESOURCE_ERRNOS:
+                        raise
+                    # Out of fds or memory: back off instead of dying (as trio's
+                    # serve_listeners does); open connections keep being served.
+                    log.error("ttrpc: accept failed: %s", exc)
+                    await trio.sleep(0.1)
+                    continue
                 nursery.start_soon(self._serve_accepted, stream)
 
     async def _serve_accepted(self, stream: trio.SocketStream) -> None:

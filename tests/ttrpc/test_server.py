@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import struct
@@ -171,3 +172,31 @@ async def _read_status(stream: trio.SocketStream) -> Status:
     while len(body) < length:
         body += await stream.receive_some(length - len(body))
     return Response.FromString(body).status
+
+
+class _FlakyListener(trio.abc.Listener[trio.SocketStream]):
+    """A real listener whose first accept fails as if the process ran out of fds."""
+
+    def __init__(self, inner: trio.SocketListener) -> None:
+        self.inner = inner
+        self.failed = False
+
+    async def accept(self) -> trio.SocketStream:
+        if not self.failed:
+            self.failed = True
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await self.inner.accept()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_accept_survives_running_out_of_fds(tmp_path: object, nursery: trio.Nursery) -> None:
+    path = f"{tmp_path}/flaky.sock"
+    listener = _FlakyListener(await open_unix_listener(path))
+    await nursery.start(Server([InteropHandlers().service()]).serve, listener)
+    async with open_unix_client(path) as c:
+        out = await c.call(SVC, "Echo", BytesValue(value=b"still here"), BytesValue)
+    assert out.value == b"still here"
+    assert listener.failed
+    await listener.aclose()
