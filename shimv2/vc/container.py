@@ -164,10 +164,7 @@ class Container:
             # namespace and die with it on SIGKILL.
             targets += [eid for eid, ex in self.execs.items() if not ex.event.is_set()]
         for exec_id in targets:
-            request = agent_pb2.SignalProcessRequest(
-                container_id=self.id, exec_id=exec_id, signal=signal
-            )
-            await self.sandbox.agent.call("SignalProcess", request, Empty)
+            await self.signal_process(exec_id, signal)
 
     async def stop(self, timeout: float = 10.0) -> None:
         """Kill the init (SIGKILL) and wait for its exit, bounded."""
