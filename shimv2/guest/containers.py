@@ -213,7 +213,7 @@ class ContainerService:
         shutil.rmtree(bundle, ignore_errors=True)  # a leftover of an agent before us
         os.makedirs(bundle, mode=0o700)
         config = oci.spec_to_json(spec)
-        config.setdefault("ociVersion", "1.0.2")
+        config["ociVersion"] = oci.written_version(spec.Version)
         root = config["root"]
         root["path"] = os.path.normpath(os.path.join(bundle, root["path"]))
         linux = config.setdefault("linux", {})

@@ -161,6 +161,27 @@ def spec_to_json(spec: oci_pb2.Spec) -> dict[str, Any]:
     return message_to_json(spec)
 
 
+# The newest runtime-spec version the guest's runtimes accept (Debian's crun 1.8
+# refuses "1.2.0" and later with "unknown version specified"). The config.json
+# the agent writes holds only fields of Kata's oci.proto, all of which 1.1
+# defines, so a newer 1.x from the host (containerd 2.2+ sends "1.3.0") is
+# written as this one.
+NEWEST_WRITTEN_VERSION = (1, 1, 0)
+_VERSION = re.compile(r"(\d+)\.(\d+)\.(\d+)(?:-[0-9A-Za-z.+-]*)?")
+
+
+def written_version(requested: str) -> str:
+    """The ``ociVersion`` to write for a spec the host sent as ``requested``."""
+    if not requested:
+        return "1.0.2"
+    match = _VERSION.fullmatch(requested)
+    if match is None or match.group(1) != "1":
+        raise InvalidArgument(f"unsupported OCI spec version {requested!r}: want 1.x.y")
+    if tuple(map(int, match.groups())) > NEWEST_WRITTEN_VERSION:
+        return ".".join(map(str, NEWEST_WRITTEN_VERSION))
+    return requested
+
+
 def spec_from_json(obj: Any) -> oci_pb2.Spec:
     spec = oci_pb2.Spec()
     message_from_json(spec, obj)

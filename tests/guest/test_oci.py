@@ -198,3 +198,24 @@ def test_resources_to_json() -> None:
     res.Memory.Limit = 1 << 20
     res.Memory.Swappiness = 0
     assert oci.resources_to_json(res) == {"memory": {"limit": 1 << 20}, "pids": {"limit": 42}}
+
+
+@pytest.mark.parametrize(
+    ("requested", "written"),
+    [
+        ("", "1.0.2"),
+        ("1.0.2-dev", "1.0.2-dev"),
+        ("1.1.0", "1.1.0"),
+        ("1.2.1", "1.1.0"),
+        ("1.3.0", "1.1.0"),
+        ("1.10.0", "1.1.0"),
+    ],
+)
+def test_written_version_stays_within_what_crun_accepts(requested: str, written: str) -> None:
+    assert oci.written_version(requested) == written
+
+
+@pytest.mark.parametrize("requested", ["2.0.0", "0.9.0", "1.3", "one", "1.3.0\n"])
+def test_written_version_refuses_unknown_versions(requested: str) -> None:
+    with pytest.raises(InvalidArgument, match="unsupported OCI spec version"):
+        oci.written_version(requested)
