@@ -1,8 +1,9 @@
 """A real containerd for end-to-end tests: private root, state and socket.
 
-Debian's containerd 1.6 is always there (scripts/setup installs it); a
-containerd 2.x built with Go by scripts/build-containerd is used as well when
-``build/bin/containerd`` exists. Each test leaves no shim, VM or state behind.
+Every test runs against Debian's containerd 1.6 and the pinned containerd 2.x
+that scripts/build-containerd builds into ``build/bin`` (scripts/setup runs
+it); a missing one fails the tests. Each test leaves no shim, VM or state
+behind.
 """
 
 from __future__ import annotations
@@ -32,11 +33,15 @@ class Containerd:
     binary: str
     ctr_binary: str
     base: Path
+    version: str = "1.6"
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
     def __post_init__(self) -> None:
         self.log = self.base / "containerd.log"
+
+    def bundle(self, name: str, namespace: str = "default") -> Path:
+        return self.base / "state" / "io.containerd.runtime.v2.task" / namespace / name
 
     @property
     def socket(self) -> str:
@@ -88,12 +93,10 @@ class Containerd:
         return out
 
 
-def _versions() -> list[tuple[str, str, str]]:
-    out = [("1.6", "/usr/bin/containerd", "/usr/bin/ctr")]
-    built = ROOT / "build" / "bin"
-    if (built / "containerd").exists():
-        out.append(("2.x", str(built / "containerd"), str(built / "ctr")))
-    return out
+VERSIONS = [
+    ("1.6", "/usr/bin/containerd", "/usr/bin/ctr"),
+    ("2.x", str(ROOT / "build" / "bin" / "containerd"), str(ROOT / "build" / "bin" / "ctr")),
+]
 
 
 def shim_pids() -> list[int]:
@@ -101,12 +104,14 @@ def shim_pids() -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-@pytest.fixture(scope="session", params=_versions(), ids=lambda v: f"containerd-{v[0]}")
+@pytest.fixture(scope="session", params=VERSIONS, ids=lambda v: f"containerd-{v[0]}")
 def containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
-    _, binary, ctr_binary = request.param
+    version, binary, ctr_binary = request.param
+    for exe in (binary, ctr_binary):
+        assert os.access(exe, os.X_OK), f"{exe} is missing: run scripts/setup"
     base = Path(f"/run/kpy-e2e-{uuid.uuid4().hex[:6]}")
     base.mkdir()
-    cd = Containerd(binary, ctr_binary, base)
+    cd = Containerd(binary, ctr_binary, base, version)
     cd.start()
     image = base / "busybox.tar"
     subprocess.run([str(ROOT / "scripts" / "busybox-image"), str(image), IMAGE], check=True)

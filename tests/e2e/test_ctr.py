@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pty
 import select
@@ -50,6 +51,17 @@ def task_status(cd: Containerd, name: str) -> str:
         if fields and fields[0] == name:
             return fields[-1]
     return "MISSING"
+
+
+def negotiated_task_api(cd: Containerd, name: str) -> int:
+    """The Task API version containerd took from the shim's ``start`` reply."""
+    bootstrap = cd.bundle(name) / "bootstrap.json"
+    if not bootstrap.exists():
+        return 2  # 1.6 understands only the plain address, which means v2
+    reply = json.loads(bootstrap.read_text())
+    assert reply["address"] == (cd.bundle(name) / "address").read_text()
+    assert reply["protocol"] == "ttrpc"
+    return int(reply["version"])
 
 
 def test_run_prints_the_guest_kernel_and_exit_codes(cd: Containerd) -> None:
@@ -163,6 +175,11 @@ def test_two_containers_of_a_pod_share_one_shim_and_one_vm(cd: Containerd) -> No
         run_detached(cd, app, "sleep", "1000", annotations=app_ann)
         assert len(shim_pids()) == 1
         assert len([p for p in vm_processes("kata-py-") if "qemu-system" in p]) == 1
+        addresses = {(cd.bundle(n) / "address").read_text() for n in (pod, app)}
+        assert len(addresses) == 1
+        # containerd 2.3+ reads our protobuf BootstrapResult and speaks Task v3.
+        want = 3 if cd.version == "2.x" else 2
+        assert [negotiated_task_api(cd, n) for n in (pod, app)] == [want, want]
         assert task_status(cd, app) == "RUNNING"
         hostname = cd.ctr("task", "exec", "--exec-id", "h", app, "cat", "/proc/version").stdout
         assert GUEST_KERNEL in hostname
