@@ -1,8 +1,9 @@
 """A real containerd for end-to-end tests: private root, state and socket.
 
-Every test runs against Debian's containerd 1.6 and the pinned containerd 2.x
-that scripts/build-containerd builds into ``build/bin`` (scripts/setup runs
-it); a missing one fails the tests. Each test leaves no shim, VM or state
+Every test runs against Debian's containerd 1.6 (Task v2, plain address) and
+the pinned containerd 2.2 (JSON bootstrap reply) and 2.4 (protobuf bootstrap
+reply) that scripts/build-containerd builds under ``build/`` (scripts/setup
+runs it); a missing one fails the tests. Each test leaves no shim, VM or state
 behind.
 """
 
@@ -93,10 +94,12 @@ class Containerd:
         return out
 
 
-VERSIONS = [
-    ("1.6", "/usr/bin/containerd", "/usr/bin/ctr"),
-    ("2.x", str(ROOT / "build" / "bin" / "containerd"), str(ROOT / "build" / "bin" / "ctr")),
-]
+def _built(version: str) -> tuple[str, str, str]:
+    release = ROOT / "build" / f"containerd-v{version}"
+    return version, str(release / "containerd"), str(release / "ctr")
+
+
+VERSIONS = [("1.6", "/usr/bin/containerd", "/usr/bin/ctr"), _built("2.2.9"), _built("2.4.2")]
 
 
 def shim_pids() -> list[int]:
