@@ -27,7 +27,17 @@ sys.path.insert(0, str(ROOT))
 
 from tests.e2e.conftest import IMAGE, Containerd  # noqa: E402
 
-RUNTIMES = {"kata-py": "io.containerd.kata-py.v2", "runc": "io.containerd.runc.v2"}
+
+def runtimes(containerd: str) -> dict[str, str]:
+    """kata-py and the runc shim of the same release as ``containerd`` where one is beside it.
+
+    Debian's runc shim (1.6) cannot read containerd 2.3+'s BootstrapParams;
+    scripts/build-containerd puts each release's own shim next to its binary,
+    and containerd accepts a shim's absolute path as the runtime name.
+    """
+    beside = Path(containerd).resolve().parent / "containerd-shim-runc-v2"
+    runc = str(beside) if beside.exists() else "io.containerd.runc.v2"
+    return {"kata-py": "io.containerd.kata-py.v2", "runc": runc}
 
 
 def rss_mib(pid: int) -> float:
@@ -49,10 +59,10 @@ def timed_run(cd: Containerd, runtime: str) -> float:
     return time.monotonic() - t0
 
 
-def memory(cd: Containerd) -> dict[str, float]:
+def memory(cd: Containerd, runtime: dict[str, str]) -> dict[str, float]:
     kata, runc = f"k{uuid.uuid4().hex[:6]}", f"r{uuid.uuid4().hex[:6]}"
-    cd.ctr("run", "-d", "--runtime", RUNTIMES["kata-py"], IMAGE, kata, "sleep", "1000")
-    cd.ctr("run", "-d", "--runtime", RUNTIMES["runc"], IMAGE, runc, "sleep", "1000")
+    cd.ctr("run", "-d", "--runtime", runtime["kata-py"], IMAGE, kata, "sleep", "1000")
+    cd.ctr("run", "-d", "--runtime", runtime["runc"], IMAGE, runc, "sleep", "1000")
     try:
         time.sleep(1)
         shim = pids_matching("containerd-shim-kata-py-v2")
@@ -91,11 +101,12 @@ def main() -> int:
             [str(ROOT / "scripts" / "busybox-image"), str(base / "bb.tar"), IMAGE], check=True
         )
         cd.ctr("images", "import", str(base / "bb.tar"))
-        times: dict[str, list[float]] = {name: [] for name in RUNTIMES}
+        runtime = runtimes(args.containerd)
+        times: dict[str, list[float]] = {name: [] for name in runtime}
         for _ in range(args.n):
-            for name, runtime in RUNTIMES.items():
-                times[name].append(timed_run(cd, runtime))
-        mem = memory(cd)
+            for name, path in runtime.items():
+                times[name].append(timed_run(cd, path))
+        mem = memory(cd, runtime)
     finally:
         cd.stop()
         subprocess.run(["umount", "-R", str(base / "root")], check=False, capture_output=True)
@@ -110,7 +121,8 @@ def main() -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"ctr run --rm busybox true, medians of {args.n}, alternating")
+    version = subprocess.run([args.containerd, "--version"], capture_output=True, text=True)
+    print(f"{version.stdout.strip()}: ctr run --rm busybox true, medians of {args.n}, alternating")
     for name, m in medians.items():
         print(f"  {name:8} {m:7.3f} s")
     print(f"  ratio kata-py/runc: {result['ratio']:.1f}x")
