@@ -91,13 +91,13 @@ class VirtContainers:
         c = sandbox.containers.get(cid)
         if c is not None:
             with contextlib.suppress(Exception):
-                await sandbox.unmount_rootfs(c)
+                await sandbox.unmount_storage(c)
 
     async def _forget(self, sandbox: Sandbox) -> None:
         with trio.CancelScope(shield=True):
             for c in list(sandbox.containers.values()):
                 with contextlib.suppress(Exception):
-                    await sandbox.unmount_rootfs(c)
+                    await sandbox.unmount_storage(c)
             self.store.remove(sandbox.id)
             self._live.pop(sandbox.id, None)
 

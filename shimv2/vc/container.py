@@ -98,9 +98,10 @@ class Container:
     # -- lifecycle -----------------------------------------------------------
 
     async def create(self, config: ContainerConfig) -> None:
-        """Mount the rootfs (recorded first) and create the container in the guest."""
+        """Mount its storage (recorded first) and create the container in the guest."""
         spec = guest_spec(config.spec, self.id)
-        await self.sandbox.mount_rootfs(self, config)
+        for index, source in (await self.sandbox.mount_storage(self, config)).items():
+            spec.Mounts[index].source = source
         request = agent_pb2.CreateContainerRequest(
             container_id=self.id, exec_id=self.id, OCI=spec, sandbox_pidns=False
         )
@@ -189,7 +190,7 @@ class Container:
             # NotFound: the guest no longer knows it; nothing to remove.
             with contextlib.suppress(NotFound):
                 await self.sandbox.agent.call("RemoveContainer", request, Empty)
-        await self.sandbox.unmount_rootfs(self)
+        await self.sandbox.unmount_storage(self)
 
     async def pause(self) -> None:
         self._require("running", verb="pause")

@@ -240,7 +240,7 @@ class Sandbox:
             await container.create(config)
         except BaseException:
             with trio.CancelScope(shield=True):
-                await self.unmount_rootfs(container)
+                await self.unmount_storage(container)
                 del self.containers[cid]
                 self.save()
             raise
@@ -248,18 +248,26 @@ class Sandbox:
         self.save()
         return container
 
-    async def mount_rootfs(self, container: Container, config: ContainerConfig) -> None:
+    async def mount_storage(self, container: Container, config: ContainerConfig) -> dict[int, str]:
+        """The rootfs and the spec's bind sources under the shared dir.
+
+        Returns the guest source of each shared bind mount, by its index in
+        the spec's mounts.
+        """
         bundle_rootfs = Path(config.bundle) / str(config.spec.get("root", {}).get("path", "rootfs"))
-        record = container.state.mounts
+        shared, record = self.state.shared_dir, container.state.mounts
         try:
             target = await storage.mount_rootfs(
-                self.state.shared_dir, container.id, config.rootfs, bundle_rootfs, record
+                shared, container.id, config.rootfs, bundle_rootfs, record
+            )
+            container.state.rootfs = str(target)
+            return await storage.share_bind_mounts(
+                shared, container.id, config.spec.get("mounts") or [], record
             )
         finally:
             self.save()  # the mount points are on disk before anyone needs to undo them
-        container.state.rootfs = str(target)
 
-    async def unmount_rootfs(self, container: Container) -> None:
+    async def unmount_storage(self, container: Container) -> None:
         left = await storage.unmount_all(container.state.mounts)
         if left:
             raise FailedPrecondition(f"container {container.id}: still mounted: {left}")
@@ -386,7 +394,7 @@ class Sandbox:
             raise FailedPrecondition(f"cannot delete sandbox {self.id} in state {self.state.state}")
         for cid in list(self.containers):
             c = self.containers[cid]
-            await self.unmount_rootfs(c)
+            await self.unmount_storage(c)
             del self.containers[cid]
         self.store.remove(self.id)
 

@@ -1,18 +1,22 @@
-"""Container rootfs on the host, under the sandbox's shared directory.
+"""Container storage on the host, under the sandbox's shared directory.
 
 containerd hands the shim the rootfs as mounts (usually one overlay). They are
 mounted at ``<shared>/<cid>/rootfs``, which virtiofsd exports to the guest,
-where the same tree appears under ``GUEST_SHARED``. Mount points are recorded
-in the persisted state before the mount, so a later ``delete`` can undo them.
+where the same tree appears under ``GUEST_SHARED``. The host paths that the
+spec's bind mounts name (``ctr run --mount``, CRI's hosts and resolv.conf,
+volumes) are bound at ``<shared>/<cid>/mounts/<index>`` the same way, and the
+guest's spec names those instead. Mount points are recorded in the persisted
+state before the mount, so a later ``delete`` can undo them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -23,6 +27,9 @@ log = logging.getLogger(__name__)
 
 GUEST_SHARED = "/run/kata-containers/shared/containers"
 ALLOWED_TYPES = frozenset({"overlay", "bind", "rbind", "tmpfs"})
+# Bind sources inside these name the guest's own trees (it has its own /proc,
+# /sys and /dev), so they are left as they are, as Kata does for system mounts.
+GUEST_OWN_TREES = ("/proc", "/sys", "/dev")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,16 +41,15 @@ class RootfsMount:
     options: tuple[str, ...] = ()
 
 
+def _mount_points() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        # Field 5 is the mount point, with spaces and such octal-escaped.
+        return [line.split(" ", 5)[4].encode().decode("unicode_escape") for line in f]
+
+
 def is_mountpoint(path: str | Path) -> bool:
     """From the mount table: ``os.path.ismount`` misses same-filesystem bind mounts."""
-    target = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            # Field 5 is the mount point, with spaces and such octal-escaped.
-            point = line.split(" ", 5)[4].encode().decode("unicode_escape")
-            if point == target:
-                return True
-    return False
+    return os.path.realpath(path) in _mount_points()
 
 
 def host_rootfs(shared_dir: str | Path, cid: str) -> Path:
@@ -71,6 +77,17 @@ async def _run_mount(argv: Sequence[str]) -> None:
         raise Internal(f"{' '.join(argv)}: {proc.stderr.decode(errors='replace').strip()}")
 
 
+async def _bind(source: str, target: Path, options: Sequence[str], recursive: bool) -> None:
+    await _run_mount(["mount", "--rbind" if recursive else "--bind", source, str(target)])
+    if "ro" in options:
+        # A bind mount only becomes read-only by a remount, and each mount of
+        # an rbind tree separately: else the guest could write below it.
+        top = str(target)
+        for point in _mount_points():
+            if point == top or point.startswith(top + "/"):
+                await _run_mount(["mount", "-o", "remount,bind,ro", point])
+
+
 async def mount_rootfs(
     shared_dir: str | Path,
     cid: str,
@@ -94,15 +111,63 @@ async def mount_rootfs(
     for m in mounts:
         record.append(str(target))
         if m.type in ("bind", "rbind"):
-            flag = "--rbind" if m.type == "rbind" or "rbind" in m.options else "--bind"
-            await _run_mount(["mount", flag, m.source, str(target)])
-            if "ro" in m.options:
-                await _run_mount(["mount", "-o", "remount,bind,ro", str(target)])
+            await _bind(m.source, target, m.options, m.type == "rbind" or "rbind" in m.options)
         else:
             opts = ",".join(m.options)
             argv = ["mount", "-t", m.type, *(["-o", opts] if opts else []), m.source, str(target)]
             await _run_mount(argv)
     return target
+
+
+def guest_mount_source(cid: str, index: int) -> str:
+    return f"{GUEST_SHARED}/{container_id(cid)}/mounts/{index}"
+
+
+def _host_bind_source(mount: Mapping[str, Any], index: int) -> str | None:
+    """The host path a spec mount binds into the container, or None if it binds none."""
+    options = mount.get("options") or []
+    if mount.get("type") != "bind" and "bind" not in options and "rbind" not in options:
+        return None
+    source = mount.get("source")
+    if not isinstance(source, str) or not os.path.isabs(source) or "\0" in source:
+        raise InvalidArgument(f"mount {index}: bind source {source!r} is not an absolute path")
+    path = os.path.normpath(source)
+    if any(path == tree or path.startswith(tree + "/") for tree in GUEST_OWN_TREES):
+        return None
+    if not os.path.exists(path):
+        raise InvalidArgument(f"mount {index}: bind source {source!r} does not exist")
+    return path
+
+
+async def share_bind_mounts(
+    shared_dir: str | Path,
+    cid: str,
+    mounts: Sequence[Mapping[str, Any]],
+    record: list[str],
+) -> dict[int, str]:
+    """Bind the host paths of the spec's bind mounts under the shared dir.
+
+    Returns, by index in ``mounts``, the source the guest's spec must name
+    instead. Every source is checked before anything is mounted; ``record``
+    gets each mount point before its mount.
+    """
+    top = Path(shared_dir) / container_id(cid) / "mounts"
+    wanted = [(i, _host_bind_source(m, i), m) for i, m in enumerate(mounts)]
+    guest: dict[int, str] = {}
+    for index, source, mount in wanted:
+        if source is None:
+            continue
+        options = [str(o) for o in mount.get("options") or []]
+        target = top / str(index)
+        top.mkdir(parents=True, exist_ok=True)
+        if os.path.isdir(source):
+            target.mkdir(exist_ok=True)
+        else:
+            target.touch()  # a file (hosts, resolv.conf) is bound onto a file
+        record.append(str(target))
+        await _bind(source, target, options, "rbind" in options)
+        guest[index] = guest_mount_source(cid, index)
+    return guest
 
 
 async def unmount_all(points: Sequence[str]) -> list[str]:
@@ -130,10 +195,10 @@ def remove_container_dir(shared_dir: str | Path, cid: str) -> None:
     top = Path(shared_dir) / container_id(cid)
     if not top.exists():
         return
-    for root, dirs, _files in os.walk(top, topdown=True):
-        for d in dirs:
-            if is_mountpoint(os.path.join(root, d)):
-                raise Internal(f"{os.path.join(root, d)} is still mounted")
+    for root, dirs, files in os.walk(top, topdown=True):
+        for name in (*dirs, *files):
+            if is_mountpoint(os.path.join(root, name)):
+                raise Internal(f"{os.path.join(root, name)} is still mounted")
     for root, dirs, files in os.walk(top, topdown=False):
         for f in files:
             os.unlink(os.path.join(root, f))

@@ -9,6 +9,7 @@ import select
 import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -82,6 +83,32 @@ def test_run_prints_the_guest_kernel_and_exit_codes(cd: Containerd) -> None:
     )
     assert failed.returncode == 3
     assert "err" in failed.stderr
+
+
+def test_run_with_bind_mounts(cd: Containerd, tmp_path: Path) -> None:
+    data, conf = tmp_path / "data", tmp_path / "conf"
+    data.mkdir()
+    conf.mkdir()
+    (conf / "setting").write_text("on\n")
+    script = "cat /conf/setting; echo out > /data/w; touch /conf/x 2>/dev/null || echo read-only"
+    out = cd.ctr(
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--mount",
+        f"type=bind,src={data},dst=/data,options=rbind:rw",
+        "--mount",
+        f"type=bind,src={conf},dst=/conf,options=rbind:ro",
+        IMAGE,
+        cid(),
+        "sh",
+        "-c",
+        script,
+    )
+    assert out.stdout == "on\nread-only\n"
+    assert (data / "w").read_text() == "out\n"
+    assert sorted(os.listdir(conf)) == ["setting"]
 
 
 def test_exec_stdin_tty_ps_metrics_pause_kill(cd: Containerd) -> None:

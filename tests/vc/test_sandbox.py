@@ -479,3 +479,37 @@ async def test_runc_is_selectable_in_the_guest(vc: VirtContainers, tmp_path: Pat
     assert "runtime='runc'" in sandbox.vm.console_path.read_text()  # the agent's start line
     await vc.stop_sandbox(s)
     await vc.delete_sandbox(s)
+
+
+async def test_bind_mounts_of_host_paths_reach_the_container(
+    vc: VirtContainers, tmp_path: Path
+) -> None:
+    data, conf, hosts = tmp_path / "data", tmp_path / "conf", tmp_path / "hosts"
+    data.mkdir()
+    conf.mkdir()
+    (conf / "setting").write_text("on\n")
+    hosts.write_text("10.1.2.3 db\n")
+    script = (
+        "echo out > /data/written; cat /conf/setting /etc/hosts;"
+        " touch /conf/x 2>/dev/null && echo writable || echo read-only"
+    )
+    cfg = container(tmp_path, "c", ["sh", "-c", script])
+
+    def bind(source: Path, dest: str, *options: str) -> dict[str, Any]:
+        return {"destination": dest, "type": "bind", "source": str(source), "options": [*options]}
+
+    binds = [
+        bind(data, "/data", "rbind", "rw"),
+        bind(conf, "/conf", "rbind", "ro"),
+        bind(hosts, "/etc/hosts", "rbind", "ro"),
+    ]
+    cfg = dataclasses.replace(cfg, spec={**cfg.spec, "mounts": [*cfg.spec["mounts"], *binds]})
+    s = sid()
+    sandbox = await vc.run_sandbox(SandboxConfig(id=s, containers=(cfg,)))
+    assert await read_all(vc, s, "c") == b"on\n10.1.2.3 db\nread-only\n"
+    with trio.fail_after(30):
+        assert await sandbox.container("c").wait() == 0
+    assert (data / "written").read_text() == "out\n"
+    assert not (conf / "x").exists()
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)  # the state_dir fixture checks that no mount is left
