@@ -128,9 +128,11 @@ class ContainerService:
         cgroup_root: str = "/sys/fs/cgroup",
         cgroup_parent: str = "/kata-py",
         oom_poll_interval: float = 0.5,
+        proc_sys: str = "/proc/sys",
     ) -> None:
         self.runtime = runtime
         self.state_dir = state_dir
+        self._proc_sys = proc_sys
         self._cgroup_root = cgroup_root
         self._cgroup_parent = cgroup_parent
         self._oom_poll_interval = oom_poll_interval
@@ -222,6 +224,8 @@ class ContainerService:
             cgroups_path = f"{self._cgroup_parent}/{container.id}"
         linux["cgroupsPath"] = cgroups_path
         container.cgroup = cgroups.cgroup_dir(self._cgroup_root, cgroups_path)
+        for key, value in oci.take_shared_net_sysctls(config).items():
+            _set_sysctl(self._proc_sys, key, value)
         _write_json(os.path.join(bundle, "config.json"), config)
         container.init = await self._launch(
             container,
@@ -587,6 +591,15 @@ class ContainerService:
 
 
 # ---- helpers --------------------------------------------------------------------------------
+
+
+def _set_sysctl(proc_sys: str, key: str, value: str) -> None:
+    path = os.path.join(proc_sys, *key.split("."))
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except OSError as exc:
+        raise InvalidArgument(f"sysctl {key}={value!r}: {exc.strerror}") from exc
 
 
 def _write_json(path: str, obj: object) -> None:

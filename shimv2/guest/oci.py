@@ -182,6 +182,30 @@ def written_version(requested: str) -> str:
     return requested
 
 
+_NET_SYSCTL = re.compile(r"net(?:\.[A-Za-z0-9_-]+)+")
+
+
+def take_shared_net_sysctls(config: dict[str, Any]) -> dict[str, str]:
+    """Remove and return the ``net.*`` sysctls of a container that shares the guest's network.
+
+    The host drops the pod's network namespace from the spec: in the VM the
+    guest's own network namespace is the pod's. Runtimes refuse ``net.*``
+    sysctls without a new network namespace (CRI sets
+    ``net.ipv4.ping_group_range`` on every pod), so the agent sets them on the
+    guest's namespace itself, which is where the pod's sysctls belong.
+    """
+    linux = config.get("linux") or {}
+    if any(ns.get("type") == "network" for ns in linux.get("namespaces") or []):
+        return {}
+    sysctls: dict[str, str] = linux.get("sysctl") or {}
+    taken = {k: v for k, v in sysctls.items() if k.startswith("net.")}
+    for key in taken:
+        if not _NET_SYSCTL.fullmatch(key):
+            raise InvalidArgument(f"bad sysctl name {key[:100]!r}")
+        del sysctls[key]
+    return taken
+
+
 def spec_from_json(obj: Any) -> oci_pb2.Spec:
     spec = oci_pb2.Spec()
     message_from_json(spec, obj)

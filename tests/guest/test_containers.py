@@ -102,7 +102,11 @@ async def _serve_agent(
     runtime = Runtime(host.binary, command_prefix=host.command_prefix)
     state_dir = tmp_path / "state"
     service = ContainerService(
-        runtime, str(state_dir), cgroup_root=host.cgroup_root, oom_poll_interval=0.1
+        runtime,
+        str(state_dir),
+        cgroup_root=host.cgroup_root,
+        oom_poll_interval=0.1,
+        proc_sys=str(tmp_path / "proc_sys"),  # never the host's own sysctls
     )
     await nursery.start(service.run)
     ours, theirs = socket.socketpair()
@@ -468,6 +472,31 @@ async def test_create_failure_leaves_nothing(agent: Agent) -> None:
     assert cid not in crun_ids(agent.host)
     assert not (agent.state_dir / cid).exists()
     assert not (Path(agent.host.cgroup_root) / "kata-py" / cid).exists()
+
+
+async def test_net_sysctls_of_a_shared_network_are_set_by_the_agent(
+    agent: Agent, tmp_path: Path
+) -> None:
+    # CRI sets this on every pod; crun refuses it without a new network namespace.
+    setting = tmp_path / "proc_sys" / "net" / "ipv4" / "ping_group_range"
+    setting.parent.mkdir(parents=True)
+    setting.write_text("1\t0\n")
+    cid = agent.cid("sysctl")
+    spec = make_spec(agent.rootfs, ["echo", "ran"])
+    namespaces = [ns for ns in spec.Linux.Namespaces if ns.Type != "network"]
+    del spec.Linux.Namespaces[:]
+    spec.Linux.Namespaces.extend(namespaces)
+    spec.Linux.Sysctl["net.ipv4.ping_group_range"] = "0 2147483647"
+    await agent.call(
+        "CreateContainer", agent_pb2.CreateContainerRequest(container_id=cid, OCI=spec)
+    )
+    assert setting.read_text() == "0 2147483647"
+    config = json.loads((agent.state_dir / cid / "config.json").read_text())
+    assert "net.ipv4.ping_group_range" not in config["linux"].get("sysctl", {})
+    await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=cid))
+    assert await agent.read_all(cid) == b"ran\n"
+    assert await agent.wait(cid) == 0
+    await agent.remove(cid)
 
 
 async def test_remove_leaves_nothing(agent: Agent) -> None:

@@ -219,3 +219,20 @@ def test_written_version_stays_within_what_crun_accepts(requested: str, written:
 def test_written_version_refuses_unknown_versions(requested: str) -> None:
     with pytest.raises(InvalidArgument, match="unsupported OCI spec version"):
         oci.written_version(requested)
+
+
+def test_net_sysctls_are_taken_only_when_the_network_is_shared() -> None:
+    sysctl = {"net.ipv4.ping_group_range": "0 1", "kernel.msgmax": "8192"}
+    shared: dict[str, Any] = {"linux": {"namespaces": [{"type": "pid"}], "sysctl": dict(sysctl)}}
+    assert oci.take_shared_net_sysctls(shared) == {"net.ipv4.ping_group_range": "0 1"}
+    assert shared["linux"]["sysctl"] == {"kernel.msgmax": "8192"}
+    own = {"linux": {"namespaces": [{"type": "network"}], "sysctl": dict(sysctl)}}
+    assert oci.take_shared_net_sysctls(own) == {}
+    assert own["linux"]["sysctl"] == sysctl
+    assert oci.take_shared_net_sysctls({}) == {}
+
+
+@pytest.mark.parametrize("key", ["net.", "net..x", "net.ipv4/../../x", "net.a b"])
+def test_bad_net_sysctl_names_are_refused(key: str) -> None:
+    with pytest.raises(InvalidArgument, match="bad sysctl name"):
+        oci.take_shared_net_sysctls({"linux": {"sysctl": {key: "1"}}})
