@@ -13,8 +13,10 @@ last. Nothing to clean is not an error.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import stat
 import time
 
 import trio
@@ -38,14 +40,31 @@ def response() -> DeleteResponse:
     return resp
 
 
+def _shim_socket(flags: Flags, sid: str) -> str | None:
+    """Where the pod's daemon listens (or listened), as ``start`` chose it."""
+    if not flags.address or not flags.namespace:
+        return None
+    try:
+        return socket_path(flags.address, flags.namespace, sid)
+    except Error:
+        return None
+
+
 def _shim_alive(flags: Flags, sid: str) -> bool:
     """A daemon still serves the pod: its sandbox is not ours to destroy."""
-    if not flags.address or not flags.namespace:
-        return False
-    try:
-        return can_connect(socket_path(flags.address, flags.namespace, sid))
-    except Error:
-        return False
+    path = _shim_socket(flags, sid)
+    return path is not None and can_connect(path)
+
+
+def _remove_dead_socket(flags: Flags, sid: str) -> None:
+    """A daemon killed outright leaves its socket file behind, with nobody listening."""
+    path = _shim_socket(flags, sid)
+    if path is None:
+        return
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.lstat(path).st_mode) and not can_connect(path):
+            os.unlink(path)
+            log.info("delete %s: removed the dead shim socket %s", flags.id, path)
 
 
 async def _forget_container(vc: VirtContainers, sid: str, cid: str) -> bool:
@@ -89,6 +108,7 @@ async def clean(flags: Flags, bundle: str, config: Config | None = None) -> None
                 await vc.cleanup_sandbox(sid)
         except Exception:
             log.exception("delete %s: cleaning up sandbox %s failed", cid, sid)
+        _remove_dead_socket(flags, sid)
         rootfs = os.path.join(bundle, "rootfs")
         if os.path.isdir(rootfs) and is_mountpoint(rootfs):
             failed = await unmount_all([rootfs])
