@@ -35,6 +35,9 @@ class Containerd:
     ctr_binary: str
     base: Path
     version: str = "1.6"
+    # Config for containerd's CRI plugin (version 2 form, which 2.x migrates);
+    # None turns the plugin off.
+    cri_config: str | None = None
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -50,12 +53,14 @@ class Containerd:
 
     def start(self) -> None:
         config = self.base / "config.toml"
+        cri = self.cri_config
         config.write_text(
             "version = 2\n"
             f'root = "{self.base}/root"\n'
             f'state = "{self.base}/state"\n'
-            'disabled_plugins = ["io.containerd.grpc.v1.cri"]\n'
-            f'[grpc]\n  address = "{self.socket}"\n'
+            + ('disabled_plugins = ["io.containerd.grpc.v1.cri"]\n' if cri is None else "")
+            + f'[grpc]\n  address = "{self.socket}"\n'
+            + (cri or "")
         )
         env = {**os.environ, "PATH": f"/usr/local/bin:{os.environ.get('PATH', '/usr/bin:/bin')}"}
         with open(self.log, "ab") as log:
@@ -125,12 +130,15 @@ def containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
     shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture
-def cd(containerd: Containerd) -> Iterator[Containerd]:
-    """The session's containerd, with a leak check after each test."""
-    if containerd.proc is None or containerd.proc.poll() is not None:
-        containerd.start()
-    yield containerd
+SHIM_SOCKETS = Path("/run/containerd/s")
+
+
+def shim_sockets() -> set[str]:
+    return set(os.listdir(SHIM_SOCKETS)) if SHIM_SOCKETS.exists() else set()
+
+
+def assert_nothing_left(sockets_before: set[str]) -> None:
+    """No shim, QEMU, virtiofsd, mount, shim socket or sandbox state left (kills leaks first)."""
     deadline = time.monotonic() + 15
     while (shim_pids() or vm_processes("kata-py-")) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -139,5 +147,19 @@ def cd(containerd: Containerd) -> Iterator[Containerd]:
         os.kill(pid, signal.SIGKILL)
     sbs = Path("/run/kata-py/sbs")
     left = sorted(os.listdir(sbs)) if sbs.exists() else []
+    with open("/proc/self/mountinfo") as f:
+        mounts = [line.split()[4] for line in f if line.split()[4].startswith("/run/kata-py/")]
     assert leaks == []
     assert left == []
+    assert mounts == []
+    assert shim_sockets() - sockets_before == set()
+
+
+@pytest.fixture
+def cd(containerd: Containerd) -> Iterator[Containerd]:
+    """The session's containerd, with a leak check after each test."""
+    if containerd.proc is None or containerd.proc.poll() is not None:
+        containerd.start()
+    before = shim_sockets()
+    yield containerd
+    assert_nothing_left(before)

@@ -1,0 +1,227 @@
+"""kata-py as the kubelet sees it: containerd's CRI plugin driven by crictl.
+
+A private containerd with CRI on, a RuntimeClass-style handler ``kata-py``, a
+CNI bridge of its own, and a locally built pause image. Run against Debian's
+containerd 1.6 (every container goes through the shim's ``start``) and
+containerd 2.4.2 (app containers reuse the pod's Task v3 address without it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shimv2.vc.qemu import default_guest_dir
+from tests.e2e.conftest import (
+    IMAGE,
+    ROOT,
+    Containerd,
+    assert_nothing_left,
+    shim_pids,
+    shim_sockets,
+)
+from tests.leaks import vm_processes
+
+pytestmark = pytest.mark.vm
+
+GUEST_KERNEL = (default_guest_dir() / "kver").read_text().strip()
+CRICTL = ROOT / "build" / "bin" / "crictl"
+PAUSE = "localhost/kata-py/pause:latest"
+# Like the real pause: sleeps, reaps, and exits on TERM or INT.
+PAUSE_ENTRYPOINT = ["sh", "-c", "trap 'exit 0' TERM INT; while :; do sleep 3600 & wait; done"]
+BRIDGE = "kpy-cni0"
+SUBNET = "10.231.7.0/24"
+HANDLER = "kata-py"
+
+
+def cri_config(base: Path) -> str:
+    return f"""
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{PAUSE}"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+    runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HANDLER}]
+    runtime_type = "io.containerd.kata-py.v2"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{base}/cni"
+"""
+
+
+def cni_conflist() -> dict[str, Any]:
+    return {
+        "cniVersion": "1.0.0",
+        "name": "kpy-e2e",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": BRIDGE,
+                "isGateway": True,
+                "ipMasq": False,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": SUBNET}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                },
+            }
+        ],
+    }
+
+
+class Cri:
+    def __init__(self, containerd: Containerd) -> None:
+        self.containerd = containerd
+        self.endpoint = f"unix://{containerd.socket}"
+
+    def __call__(self, *args: str, timeout: float = 180) -> str:
+        out = subprocess.run(
+            [str(CRICTL), "--runtime-endpoint", self.endpoint, "--image-endpoint", self.endpoint,
+             "--timeout", "120s", *args],
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise AssertionError(f"crictl {' '.join(args)}: rc {out.returncode}: {out.stderr}")
+        return out.stdout
+
+    def write(self, name: str, obj: dict[str, Any]) -> str:
+        path = self.containerd.base / f"{name}-{uuid.uuid4().hex[:6]}.json"
+        path.write_text(json.dumps(obj))
+        return str(path)
+
+
+CRI_VERSIONS = [
+    ("1.6", "/usr/bin/containerd", "/usr/bin/ctr"),
+    ("2.4.2", *(str(ROOT / "build" / "containerd-v2.4.2" / b) for b in ("containerd", "ctr"))),
+]
+
+
+@pytest.fixture(scope="module", params=CRI_VERSIONS, ids=lambda v: f"containerd-{v[0]}")
+def cri_containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
+    version, binary, ctr_binary = request.param
+    for exe in (binary, ctr_binary, str(CRICTL)):
+        assert os.access(exe, os.X_OK), f"{exe} is missing: run scripts/setup"
+    base = Path(f"/run/kpy-cri-{uuid.uuid4().hex[:6]}")
+    (base / "cni").mkdir(parents=True)
+    (base / "cni" / "10-kpy.conflist").write_text(json.dumps(cni_conflist()))
+    cd = Containerd(binary, ctr_binary, base, version, cri_config(base))
+    cd.start()
+    try:
+        for name, entrypoint in ((IMAGE, None), (PAUSE, PAUSE_ENTRYPOINT)):
+            image = base / f"{uuid.uuid4().hex[:6]}.tar"
+            argv = [str(ROOT / "scripts" / "busybox-image"), str(image), name]
+            subprocess.run([*argv, *([json.dumps(entrypoint)] if entrypoint else [])], check=True)
+            cd.ctr("-n", "k8s.io", "images", "import", str(image))
+        yield cd
+    finally:
+        cd.stop()
+        subprocess.run(["umount", "-R", str(base / "root")], check=False, capture_output=True)
+        subprocess.run(["ip", "link", "del", BRIDGE], check=False, capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(f"/var/lib/cni/networks/{cni_conflist()['name']}", ignore_errors=True)
+
+
+@pytest.fixture
+def cri(cri_containerd: Containerd) -> Iterator[Cri]:
+    before = shim_sockets()
+    netns_before = set(os.listdir("/var/run/netns")) if os.path.exists("/var/run/netns") else set()
+    yield Cri(cri_containerd)
+    assert_nothing_left(before)
+    netns_after = set(os.listdir("/var/run/netns")) if os.path.exists("/var/run/netns") else set()
+    assert netns_after - netns_before == set()
+
+
+def pod_config(name: str, log_dir: Path) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "namespace": "e2e", "uid": uuid.uuid4().hex, "attempt": 0},
+        "hostname": name,
+        "log_directory": str(log_dir),
+        "linux": {},
+    }
+
+
+def container_config(name: str, *command: str) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name},
+        "image": {"image": IMAGE},
+        "command": list(command),
+        "log_path": f"{name}.log",
+        "linux": {},
+    }
+
+
+def pod_ip(cri: Cri, pod: str) -> str:
+    status = json.loads(cri("inspectp", "-o", "json", pod))
+    return str(status["status"]["network"]["ip"])
+
+
+def test_a_pod_of_two_containers_runs_in_one_vm(cri: Cri, tmp_path: Path) -> None:
+    pod_json = cri.write("pod", pod_config("kpy-pod", tmp_path))
+    pod = cri("runp", "--runtime", HANDLER, pod_json).strip()
+    try:
+        app = cri(
+            "create",
+            pod,
+            cri.write("app", container_config("app", "sh", "-c", "echo started; sleep 1000")),
+            pod_json,
+        ).strip()
+        cri("start", app)
+        side = cri(
+            "create", pod, cri.write("side", container_config("side", "sleep", "1000")), pod_json
+        ).strip()
+        cri("start", side)
+
+        pod_bundle, app_bundle = (cri.containerd.bundle(c, "k8s.io") for c in (pod, app))
+        if cri.containerd.version == "1.6":
+            # `start` ran for the app too, and found the pod's shim by its annotations
+            assert (app_bundle / "address").read_text() == (pod_bundle / "address").read_text()
+        else:
+            # the app reused the pod's Task v3 shim without `start`
+            assert (app_bundle / "sandbox").read_text() == pod
+            assert not (app_bundle / "address").exists()
+            bootstrap = json.loads((pod_bundle / "bootstrap.json").read_text())
+            assert bootstrap["version"] == 3
+            assert json.loads((app_bundle / "bootstrap.json").read_text()) == bootstrap
+        # one shim and one VM for the pod, and the containers run in it
+        assert len(shim_pids()) == 1
+        assert len([p for p in vm_processes("kata-py-") if "qemu-system" in p]) == 1
+        assert cri("exec", "--sync", app, "uname", "-r").strip() == GUEST_KERNEL
+        assert cri("exec", "--sync", side, "cat", "/proc/version").find(GUEST_KERNEL) >= 0
+        if cri.containerd.version != "1.6":
+            # CRI 2.x sets this pod sysctl; the agent set it on the guest's network
+            group_range = cri("exec", "--sync", app, "cat", "/proc/sys/net/ipv4/ping_group_range")
+            assert group_range.split() == ["0", "2147483647"]
+        # CRI's files reach the guest through the shared bind mounts
+        assert cri("exec", "--sync", app, "cat", "/etc/hostname").strip() == "kpy-pod"
+        # the pod's IP, from the CNI bridge on the host, answers from inside the VM
+        ip = pod_ip(cri, pod)
+        assert ip.startswith("10.231.7.")
+        assert ip in cri("exec", "--sync", app, "ip", "-4", "addr")
+        ping = subprocess.run(
+            ["busybox", "ping", "-c", "1", "-W", "5", ip], capture_output=True, text=True
+        )
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        # the container's output reaches the kubelet's log file
+        deadline = time.monotonic() + 20
+        while "started" not in (tmp_path / "app.log").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        stats = json.loads(cri("stats", "-o", "json", "--id", app))
+        assert int(stats["stats"][0]["memory"]["workingSetBytes"]["value"]) > 0
+
+        cri("stop", "--timeout", "2", side)
+        cri("rm", side)
+        assert (
+            json.loads(cri("inspect", "-o", "json", app))["status"]["state"] == "CONTAINER_RUNNING"
+        )
+    finally:
+        cri("stopp", pod)
+        cri("rmp", pod)
