@@ -3,7 +3,9 @@
 It serves the Task API on the listening socket it inherited as fd 3, publishes
 events to containerd, and exits once ``Shutdown`` is requested (by the task
 service or SIGTERM/SIGINT): it stops accepting, runs the shutdown callbacks,
-drains the event queue, removes its socket and returns 0. It is a child
+drains the event queue, removes its socket and returns 0. With
+``[runtime] enable_tracing`` its verbs' spans go to the configured OTLP
+endpoint, flushed before it exits. It is a child
 subreaper, as containerd's shims are, so processes orphaned below it are reaped
 here rather than by init.
 """
@@ -29,6 +31,8 @@ from shimv2.shim.flags import Flags
 from shimv2.shim.shutdown import Shutdown
 from shimv2.ttrpc import Server, Service
 from shimv2.vc.api import VirtContainers
+from shimv2.vc.config import Config, load_config
+from shimv2.vc.tracing import NoTracer, Tracer, otlp_tracer
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +123,8 @@ class Daemon:
     flags: Flags
     sock: socket.socket
     task_service: TaskServiceFactory | None = None
+    config: Config | None = None
+    tracer: Tracer | None = None
     shutdown: Shutdown = field(default_factory=Shutdown)
     _socket_removed: bool = field(default=False, init=False)
 
@@ -143,7 +149,7 @@ class Daemon:
     async def _serve(self, path: str) -> None:
         flags = self.flags
         async with trio.open_nursery() as nursery:
-            vc = VirtContainers(nursery)
+            vc = VirtContainers(nursery, self.config, tracer=self.tracer)
             publisher = Publisher(flags.ttrpc_address, flags.namespace)
             await nursery.start(publisher.run)
             services: list[Service] = []
@@ -192,9 +198,16 @@ def run(flags: Flags) -> int:
         return 1
     sock.set_inheritable(False)
     set_subreaper()
-    daemon = Daemon(flags, sock, default_task_service())
     try:
-        trio.run(daemon.serve)
+        with contextlib.ExitStack() as stack:
+            config = load_config()
+            # Not the OpenTelemetry API's global provider: nothing in the shim sets one.
+            tracer: Tracer = NoTracer()
+            if config.runtime.enable_tracing:
+                resource = {"kata_py.shim_id": flags.id, "kata_py.namespace": flags.namespace}
+                tracer = stack.enter_context(otlp_tracer(config.runtime.tracing_endpoint, resource))
+            daemon = Daemon(flags, sock, default_task_service(), config, tracer)
+            trio.run(daemon.serve)
     except Exception:
         log.exception("shim %s failed", flags.id)
         return 1

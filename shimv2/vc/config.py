@@ -71,6 +71,10 @@ class AgentConfig:
 class RuntimeConfig:
     state_dir: str = "/run/kata-py"
     enable_debug: bool = False
+    # Spans of the virtcontainers verbs, sent over OTLP/HTTP (Jaeger and the
+    # OpenTelemetry collector take it on 4318); needs the ``tracing`` extra.
+    enable_tracing: bool = False
+    tracing_endpoint: str = "http://127.0.0.1:4318/v1/traces"
 
 
 @dataclass(frozen=True, slots=True)

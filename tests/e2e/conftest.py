@@ -9,13 +9,14 @@ behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ class Containerd:
     # Config for containerd's CRI plugin (version 2 form, which 2.x migrates);
     # None turns the plugin off.
     cri_config: str | None = None
+    env: Mapping[str, str] = field(default_factory=dict)  # more environment for containerd
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -62,7 +64,8 @@ class Containerd:
             + f'[grpc]\n  address = "{self.socket}"\n'
             + (cri or "")
         )
-        env = {**os.environ, "PATH": f"/usr/local/bin:{os.environ.get('PATH', '/usr/bin:/bin')}"}
+        path = f"/usr/local/bin:{os.environ.get('PATH', '/usr/bin:/bin')}"
+        env = {**os.environ, "PATH": path, **self.env}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [self.binary, "--config", str(config)], stdout=log, stderr=log, env=env
@@ -73,6 +76,16 @@ class Containerd:
             assert time.monotonic() < deadline, "containerd did not start"
             time.sleep(0.05)
         self.ctr("version")
+
+    def import_image(
+        self, name: str, entrypoint: list[str] | None = None, namespace: str = "default"
+    ) -> None:
+        """A busybox image built locally (scripts/busybox-image), imported as ``name``."""
+        archive = self.base / f"image-{uuid.uuid4().hex[:6]}.tar"
+        argv = [str(ROOT / "scripts" / "busybox-image"), str(archive), name]
+        subprocess.run([*argv, *([json.dumps(entrypoint)] if entrypoint else [])], check=True)
+        self.ctr("-n", namespace, "images", "import", str(archive))
+        archive.unlink()
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -121,9 +134,7 @@ def containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
     base.mkdir()
     cd = Containerd(binary, ctr_binary, base, version)
     cd.start()
-    image = base / "busybox.tar"
-    subprocess.run([str(ROOT / "scripts" / "busybox-image"), str(image), IMAGE], check=True)
-    cd.ctr("images", "import", str(image))
+    cd.import_image(IMAGE)
     yield cd
     cd.stop()
     subprocess.run(["umount", "-R", str(base / "root")], check=False, capture_output=True)

@@ -115,11 +115,8 @@ def cri_containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
     cd = Containerd(binary, ctr_binary, base, version, cri_config(base))
     cd.start()
     try:
-        for name, entrypoint in ((IMAGE, None), (PAUSE, PAUSE_ENTRYPOINT)):
-            image = base / f"{uuid.uuid4().hex[:6]}.tar"
-            argv = [str(ROOT / "scripts" / "busybox-image"), str(image), name]
-            subprocess.run([*argv, *([json.dumps(entrypoint)] if entrypoint else [])], check=True)
-            cd.ctr("-n", "k8s.io", "images", "import", str(image))
+        cd.import_image(IMAGE, namespace="k8s.io")
+        cd.import_image(PAUSE, PAUSE_ENTRYPOINT, namespace="k8s.io")
         yield cd
     finally:
         cd.stop()

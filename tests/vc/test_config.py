@@ -22,6 +22,8 @@ oci_runtime = "runc"
 
 [runtime]
 enable_debug = true
+enable_tracing = true
+tracing_endpoint = "http://jaeger:4318/v1/traces"
 """
 
 
@@ -42,6 +44,8 @@ def test_file_values(tmp_path: Path) -> None:
     assert config.agent.dial_timeout == 30.0
     assert config.agent.oci_runtime == "runc"
     assert config.runtime.enable_debug is True
+    assert config.runtime.enable_tracing is True
+    assert config.runtime.tracing_endpoint == "http://jaeger:4318/v1/traces"
     qemu = config.hypervisor.qemu("/tmp/shared")
     assert (qemu.machine, qemu.vcpus, qemu.memory_mib) == ("q35", 2, 1024)
     assert qemu.kernel_params == ("debug",)
