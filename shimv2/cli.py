@@ -2,7 +2,8 @@
 
 ``check`` says whether this host can run kata-py (and which accelerator a VM
 would get); ``env`` prints the effective configuration and paths; ``list``
-shows the sandboxes in the state directory.
+shows the sandboxes in the state directory; ``metrics`` prints what a pod's
+shim reports to Prometheus.
 """
 
 from __future__ import annotations
@@ -100,6 +101,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_metrics(args: argparse.Namespace) -> int:
+    from shimv2.errdefs import NotFound
+    from shimv2.shim.metrics import fetch_metrics, monitor_socket
+    from shimv2.vc.config import load_config
+    from shimv2.vc.ids import sandbox_id
+
+    path = monitor_socket(load_config(args.config).runtime.state_dir, sandbox_id(args.sandbox))
+    try:
+        text = fetch_metrics(path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise NotFound(f"no shim serves sandbox {args.sandbox} ({path})") from None
+    sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kata-py", description="Run containerd pods in their own QEMU VMs."
@@ -114,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, (help_text, fn) in commands.items():
         sub.add_parser(name, help=help_text).set_defaults(func=fn)
+    metrics = sub.add_parser("metrics", help="a running pod's Prometheus metrics, from its shim")
+    metrics.add_argument("sandbox", help="the sandbox (pod) id")
+    metrics.set_defaults(func=cmd_metrics)
     return parser
 
 

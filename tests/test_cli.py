@@ -52,3 +52,15 @@ def test_env_and_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert capsys.readouterr().out == ""
     assert cli.main(["--config", str(tmp_path / "missing.toml"), "env"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("sandbox", "message"), [("nosuch", "no shim serves sandbox nosuch"), ("../x", "invalid")]
+)
+def test_metrics_of_a_pod_that_is_not_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sandbox: str, message: str
+) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(f'[runtime]\nstate_dir = "{tmp_path}/state"\n')
+    assert cli.main(["--config", str(config), "metrics", sandbox]) == 2
+    assert message in capsys.readouterr().err

@@ -25,8 +25,10 @@ from shimv2.errdefs import Error
 from shimv2.pb.containerd.runtime.task.v2.shim_pb2 import DeleteResponse
 from shimv2.shim.bootstrap import SANDBOX_ID, can_connect, read_annotations, socket_path
 from shimv2.shim.flags import Flags
+from shimv2.shim.metrics import monitor_socket
 from shimv2.vc.api import VirtContainers
 from shimv2.vc.config import Config
+from shimv2.vc.ids import sandbox_id
 from shimv2.vc.storage import is_mountpoint, unmount_all
 
 log = logging.getLogger(__name__)
@@ -56,15 +58,23 @@ def _shim_alive(flags: Flags, sid: str) -> bool:
     return path is not None and can_connect(path)
 
 
-def _remove_dead_socket(flags: Flags, sid: str) -> None:
-    """A daemon killed outright leaves its socket file behind, with nobody listening."""
-    path = _shim_socket(flags, sid)
+def _remove_dead_socket(path: str | None) -> None:
+    """A daemon killed outright leaves its socket files behind, with nobody listening."""
     if path is None:
         return
     with contextlib.suppress(FileNotFoundError):
         if stat.S_ISSOCK(os.lstat(path).st_mode) and not can_connect(path):
             os.unlink(path)
-            log.info("delete %s: removed the dead shim socket %s", flags.id, path)
+            log.info("delete: removed the dead socket %s", path)
+
+
+def _monitor_sockets(state_dir: str, *ids: str) -> list[str]:
+    """The metrics sockets a daemon of this pod may have had: it is named by its first id."""
+    out = []
+    for name in dict.fromkeys(ids):
+        with contextlib.suppress(Error):
+            out.append(monitor_socket(state_dir, sandbox_id(name)))
+    return out
 
 
 async def _forget_container(vc: VirtContainers, sid: str, cid: str) -> bool:
@@ -97,8 +107,10 @@ async def clean(flags: Flags, bundle: str, config: Config | None = None) -> None
         annotations = {}
     sid = annotations.get(SANDBOX_ID) or cid
     async with trio.open_nursery() as nursery:
+        state_dir = None
         try:
             vc = VirtContainers(nursery, config)
+            state_dir = vc.config.runtime.state_dir
             if sid not in vc.store.list():
                 log.debug("delete %s: no kata-py state for sandbox %s", cid, sid)
             elif _shim_alive(flags, sid):
@@ -108,7 +120,9 @@ async def clean(flags: Flags, bundle: str, config: Config | None = None) -> None
                 await vc.cleanup_sandbox(sid)
         except Exception:
             log.exception("delete %s: cleaning up sandbox %s failed", cid, sid)
-        _remove_dead_socket(flags, sid)
+        _remove_dead_socket(_shim_socket(flags, sid))
+        for path in _monitor_sockets(state_dir, sid, cid) if state_dir else []:
+            _remove_dead_socket(path)
         rootfs = os.path.join(bundle, "rootfs")
         if os.path.isdir(rootfs) and is_mountpoint(rootfs):
             failed = await unmount_all([rootfs])

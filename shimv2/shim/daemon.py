@@ -5,7 +5,8 @@ events to containerd, and exits once ``Shutdown`` is requested (by the task
 service or SIGTERM/SIGINT): it stops accepting, runs the shutdown callbacks,
 drains the event queue, removes its socket and returns 0. With
 ``[runtime] enable_tracing`` its verbs' spans go to the configured OTLP
-endpoint, flushed before it exits. It is a child
+endpoint, flushed before it exits; Prometheus metrics are served on
+``<state_dir>/monitor/<id>.sock`` (``shimv2.shim.metrics``). It is a child
 subreaper, as containerd's shims are, so processes orphaned below it are reaped
 here rather than by init.
 """
@@ -24,14 +25,17 @@ from typing import Protocol
 
 import trio
 
+from shimv2.errdefs import Error
 from shimv2.shim import logging as shim_logging
 from shimv2.shim.bootstrap import SHUTDOWN_SIGNALS
 from shimv2.shim.events import Publisher
 from shimv2.shim.flags import Flags
+from shimv2.shim.metrics import ShimMetrics, listen_monitor, monitor_socket, serve_metrics
 from shimv2.shim.shutdown import Shutdown
 from shimv2.ttrpc import Server, Service
 from shimv2.vc.api import VirtContainers
 from shimv2.vc.config import Config, load_config
+from shimv2.vc.ids import sandbox_id
 from shimv2.vc.tracing import NoTracer, Tracer, otlp_tracer
 
 log = logging.getLogger(__name__)
@@ -127,6 +131,7 @@ class Daemon:
     tracer: Tracer | None = None
     shutdown: Shutdown = field(default_factory=Shutdown)
     _socket_removed: bool = field(default=False, init=False)
+    _monitor_path: str = field(default="", init=False)
 
     async def serve(self) -> None:
         name = self.sock.getsockname()
@@ -138,6 +143,9 @@ class Daemon:
             # next ``start`` of the pod wait on a dead daemon's backlog.
             self.sock.close()
             self._remove_socket(path)
+            if self._monitor_path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._monitor_path)
 
     def _remove_socket(self, path: str) -> None:
         """Once: after that, the path may be a new daemon's (a ``start`` that came later)."""
@@ -150,6 +158,8 @@ class Daemon:
         flags = self.flags
         async with trio.open_nursery() as nursery:
             vc = VirtContainers(nursery, self.config, tracer=self.tracer)
+            metrics = ShimMetrics(vc.vm_processes)
+            await self._serve_metrics(nursery, vc.config.runtime.state_dir, metrics)
             publisher = Publisher(flags.ttrpc_address, flags.namespace)
             await nursery.start(publisher.run)
             services: list[Service] = []
@@ -157,7 +167,7 @@ class Daemon:
                 ts = self.task_service(vc, publisher, self.shutdown, flags.namespace, flags.id)
                 services = ts.services()
                 await nursery.start(ts.run)
-            server = Server(services)
+            server = Server(services, observer=metrics.observe_call)
             listener = trio.SocketListener(trio.socket.from_stdlib_socket(self.sock))
             await nursery.start(server.serve, listener)
             nursery.start_soon(self._signals)
@@ -171,6 +181,19 @@ class Daemon:
             await self.shutdown.run_callbacks()
             await publisher.aclose(PUBLISHER_DRAIN)
             nursery.cancel_scope.cancel()
+
+    async def _serve_metrics(
+        self, nursery: trio.Nursery, state_dir: str, metrics: ShimMetrics
+    ) -> None:
+        """``/metrics`` on ``<state_dir>/monitor/<id>.sock``; a shim without it still runs."""
+        try:
+            path = monitor_socket(state_dir, sandbox_id(self.flags.id))
+            sock = listen_monitor(path)
+        except (Error, OSError) as exc:
+            log.warning("shim %s: no metrics endpoint: %s", self.flags.id, exc)
+            return
+        self._monitor_path = path
+        await nursery.start(serve_metrics, sock, metrics)
 
     async def _signals(self) -> None:
         with trio.open_signal_receiver(*SHUTDOWN_SIGNALS) as signals:

@@ -9,6 +9,7 @@ from shimv2.ttrpc._client import open_unix_client as open_unix_client
 from shimv2.ttrpc._codec import HEADER_LENGTH as HEADER_LENGTH
 from shimv2.ttrpc._codec import MAX_PAYLOAD as MAX_PAYLOAD
 from shimv2.ttrpc._server import CallContext as CallContext
+from shimv2.ttrpc._server import CallObserver as CallObserver
 from shimv2.ttrpc._server import Method as Method
 from shimv2.ttrpc._server import Server as Server
 from shimv2.ttrpc._server import Service as Service

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -94,10 +95,23 @@ def same_user(peer: PeerCredentials | None) -> bool:
     return peer is not None and peer.uid == os.geteuid()
 
 
+class CallObserver(Protocol):
+    """Told of every call once it is answered: its duration and status code (0 = OK)."""
+
+    def __call__(self, service: str, method: str, seconds: float, code: int) -> None: ...
+
+
 class Server:
-    def __init__(self, services: Iterable[Service] = (), *, peer_check: PeerCheck = same_user):
+    def __init__(
+        self,
+        services: Iterable[Service] = (),
+        *,
+        peer_check: PeerCheck = same_user,
+        observer: CallObserver | None = None,
+    ):
         self._services: dict[str, Service] = {}
         self._peer_check = peer_check
+        self.observer = observer
         for service in services:
             self.register(service)
 
@@ -195,11 +209,17 @@ class _ServerConnection:
                 log.debug("ttrpc: ignoring data frame for stream %d", event.stream_id)
 
     async def _dispatch(self, event: RequestReceived) -> None:
+        observer = self._server.observer
+        started = time.perf_counter() if observer is not None else 0.0
         try:
             payload, status = await self._call(event)
             await self._send(event.stream_id, status, payload)
         finally:
             self._in_flight -= 1
+        if observer is not None:
+            req = event.request
+            code = status.code if status is not None else 0
+            observer(req.service, req.method, time.perf_counter() - started, code)
 
     async def _call(self, event: RequestReceived) -> tuple[bytes, Status | None]:
         req = event.request

@@ -203,6 +203,18 @@ class VirtContainers:
                     continue  # deleted while we listed
             return out
 
+    def vm_processes(self) -> list[tuple[str, str, int]]:
+        """(sandbox id, "hypervisor" | "virtiofsd", pid) of the VMs this process runs."""
+        out = []
+        for sid, sandbox in self._live.items():
+            vm = sandbox.vm
+            if vm is None:
+                continue
+            for component, pid in (("hypervisor", vm.pid), ("virtiofsd", vm.virtiofsd_pid)):
+                if pid is not None:
+                    out.append((sid, component, pid))
+        return out
+
     async def pause_sandbox(self, sid: str) -> None:
         async with self._verb("PauseSandbox", sandbox=sid):
             await (await self.fetch_sandbox(sid)).pause()

@@ -149,15 +149,22 @@ def shim_sockets() -> set[str]:
 
 
 def assert_nothing_left(sockets_before: set[str]) -> None:
-    """No shim, QEMU, virtiofsd, mount, shim socket or sandbox state left (kills leaks first)."""
+    """No shim, QEMU, virtiofsd, mount, shim or monitor socket, or sandbox state left.
+
+    Leaked shims are killed before the asserts.
+    """
     deadline = time.monotonic() + 15
     while (shim_pids() or vm_processes("kata-py-")) and time.monotonic() < deadline:
         time.sleep(0.2)
     leaks = [*map(str, shim_pids()), *vm_processes("kata-py-")]
     for pid in shim_pids():
         os.kill(pid, signal.SIGKILL)
-    sbs = Path("/run/kata-py/sbs")
-    left = sorted(os.listdir(sbs)) if sbs.exists() else []
+    left = [
+        f"{d.name}/{entry}"
+        for d in (Path("/run/kata-py/sbs"), Path("/run/kata-py/monitor"))
+        if d.exists()
+        for entry in sorted(os.listdir(d))
+    ]
     with open("/proc/self/mountinfo") as f:
         mounts = [line.split()[4] for line in f if line.split()[4].startswith("/run/kata-py/")]
     assert leaks == []

@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from shimv2.vc.qemu import default_guest_dir
 from tests.e2e.conftest import IMAGE, RUNTIME, Containerd, shim_pids
@@ -128,6 +129,7 @@ def test_exec_stdin_tty_ps_metrics_pause_kill(cd: Containerd) -> None:
         assert len(ps.strip().splitlines()) >= 2  # header and at least the init
         metrics = cd.ctr("task", "metrics", name).stdout
         assert "memory" in metrics.lower()
+        assert_prometheus_metrics(name)
         cd.ctr("task", "pause", name)
         assert task_status(cd, name) == "PAUSED"
         cd.ctr("task", "resume", name)
@@ -141,6 +143,24 @@ def test_exec_stdin_tty_ps_metrics_pause_kill(cd: Containerd) -> None:
         cd.ctr("containers", "rm", name)
     finally:
         remove(cd, name)
+
+
+def assert_prometheus_metrics(sandbox: str) -> None:
+    """``kata-py metrics`` reads the pod's shim, as kata-monitor would."""
+    out = subprocess.run(["kata-py", "metrics", sandbox], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(out.stdout)
+        for s in family.samples
+    }
+    rpc = "kata_shim_rpc_durations_histogram_milliseconds_count"
+    assert got[(rpc, (("action", "Create"),))] == 1
+    assert got[(rpc, (("action", "Exec"),))] >= 3
+    qemu_rss = got[("kata_hypervisor_proc_status", (("item", "vmrss"), ("sandbox_id", sandbox)))]
+    assert qemu_rss > 100 << 20
+    assert got[("kata_virtiofsd_threads", (("sandbox_id", sandbox),))] >= 1
+    assert got[("kata_shim_proc_status", (("item", "vmrss"),))] > 10 << 20
 
 
 def exec_with_tty(cd: Containerd, name: str) -> str:

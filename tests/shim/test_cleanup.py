@@ -17,6 +17,7 @@ from shimv2.pb.containerd.runtime.task.v2.shim_pb2 import DeleteResponse
 from shimv2.shim.bootstrap import socket_path
 from shimv2.shim.cleanup import clean
 from shimv2.shim.flags import Flags
+from shimv2.shim.metrics import monitor_socket
 from shimv2.vc.config import Config, RuntimeConfig
 from shimv2.vc.persist import ContainerState, SandboxState, Store
 from shimv2.vc.storage import is_mountpoint
@@ -65,27 +66,31 @@ def test_delete_unmounts_the_rootfs(tmp_path: Path, mounts: list[Path]) -> None:
     assert resp.exited_at.seconds > 0
 
 
-def test_delete_removes_a_dead_shims_socket_and_keeps_a_live_one(tmp_path: Path) -> None:
+def test_delete_removes_a_dead_shims_sockets_and_keeps_a_live_one(tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     bundle.mkdir()
     # run_delete passes -address <tmp_path>/cd.sock, so these paths are this test's own.
-    dead_path = socket_path(str(tmp_path / "cd.sock"), "default", "dead")
+    dead_paths = [
+        socket_path(str(tmp_path / "cd.sock"), "default", "dead"),
+        monitor_socket(str(tmp_path), "dead"),  # run_delete's state_dir is tmp_path
+    ]
     live_path = socket_path(str(tmp_path / "cd.sock"), "default", "live")
-    os.makedirs(os.path.dirname(dead_path), exist_ok=True)
-    dead = socket.socket(socket.AF_UNIX)
-    dead.bind(dead_path)
-    dead.close()  # what a SIGKILLed daemon leaves: a socket file nobody listens on
+    for path in dead_paths:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        dead = socket.socket(socket.AF_UNIX)
+        dead.bind(path)
+        dead.close()  # what a SIGKILLed daemon leaves: a socket file nobody listens on
     live = socket.socket(socket.AF_UNIX)
     live.bind(live_path)
     live.listen(1)
     try:
         assert run_delete(bundle, tmp_path, "dead").returncode == 0
-        assert not os.path.exists(dead_path)
+        assert [os.path.exists(p) for p in dead_paths] == [False, False]
         assert run_delete(bundle, tmp_path, "live").returncode == 0
         assert os.path.exists(live_path)
     finally:
         live.close()
-        for path in (dead_path, live_path):
+        for path in (*dead_paths, live_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
 

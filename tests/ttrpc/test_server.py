@@ -200,3 +200,21 @@ async def test_accept_survives_running_out_of_fds(tmp_path: object, nursery: tri
     assert out.value == b"still here"
     assert listener.failed
     await listener.aclose()
+
+
+async def test_the_observer_hears_of_every_answered_call(served: Served, client: Client) -> None:
+    heard: list[tuple[str, str, float, int]] = []
+    served.server.observer = lambda service, method, seconds, code: heard.append(
+        (service, method, seconds, code)
+    )
+    await client.call(SVC, "Echo", BytesValue(value=b"x"), BytesValue)
+    with pytest.raises(errdefs.NotFound):
+        await client.call(SVC, "Fail", StringValue(value="5:gone"), Empty)
+    with pytest.raises(errdefs.Unimplemented):
+        await client.call(SVC, "Nope", Empty(), Empty)
+    assert [(s, m, c) for s, m, _, c in heard] == [
+        (SVC, "Echo", 0),
+        (SVC, "Fail", 5),
+        (SVC, "Nope", 12),
+    ]
+    assert all(seconds >= 0 for _, _, seconds, _ in heard)
