@@ -3,7 +3,7 @@
 ``check`` says whether this host can run kata-py (and which accelerator a VM
 would get); ``env`` prints the effective configuration and paths; ``list``
 shows the sandboxes in the state directory; ``metrics`` prints what a pod's
-shim reports to Prometheus.
+shim reports to Prometheus; ``exec`` attaches to a pod VM's debug console.
 """
 
 from __future__ import annotations
@@ -116,6 +116,96 @@ def cmd_metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+DETACH_KEY = b"\x1d"  # ^], as telnet's: leave the console, the shell keeps running
+# After piped input: a ^D could reach the pty before the shell switches it to raw
+# mode and be lost; an ``exit`` line is read after the script, whatever the mode.
+END_OF_INPUT = b"\nexit\n"
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from shimv2.errdefs import FailedPrecondition, NotFound
+    from shimv2.vc.config import load_config
+    from shimv2.vc.ids import sandbox_id
+    from shimv2.vc.persist import Store
+    from shimv2.vc.qemu import debug_console_socket
+
+    store = Store(load_config(args.config).runtime.state_dir)
+    sid = sandbox_id(args.sandbox)
+    if sid not in store.list():
+        raise NotFound(f"no sandbox {sid}")
+    path = debug_console_socket(store.vm_dir(sid))
+    if not path.exists():
+        raise FailedPrecondition(
+            f"sandbox {sid} has no debug console: set debug_console_enabled = true "
+            "under [agent.kata] (pods started after that get one)"
+        )
+    return attach_console(str(path), sys.stdin.fileno(), sys.stdout.fileno())
+
+
+def attach_console(path: str, stdin: int, stdout: int) -> int:
+    """Relay a terminal (raw mode) or a pipe to the debug console; the shell's exit status.
+
+    Piped input ends with an ``exit``, so ``echo 'uname -r' | kata-py exec POD`` runs and
+    returns the status of the last command.
+    """
+    import selectors
+    import socket
+    import termios
+    import tty
+
+    from shimv2.guest.debug_console import SHELL_EXITED_END, SHELL_EXITED_PREFIX
+
+    interactive = os.isatty(stdin)
+    saved = termios.tcgetattr(stdin) if interactive else None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        if interactive:
+            tty.setraw(stdin)
+            os.write(stdout, b"kata-py: debug console; ^] leaves\r\n")
+        else:
+            sock.sendall(b"\n")  # the guest starts a shell when the host first speaks
+        sel = selectors.DefaultSelector()
+        sel.register(sock, selectors.EVENT_READ)
+        sel.register(stdin, selectors.EVENT_READ)
+        pending = b""  # output held back while it may be the start of the exit marker
+        while True:
+            for key, _ in sel.select():
+                if key.fileobj is stdin:
+                    data = os.read(stdin, 4096)
+                    if interactive and DETACH_KEY in data:
+                        return 0
+                    if not data:
+                        sel.unregister(stdin)
+                        data = END_OF_INPUT
+                    sock.sendall(data)
+                    continue
+                data = sock.recv(65536)
+                if not data:
+                    os.write(stdout, pending)
+                    print("kata-py: the VM closed the console", file=sys.stderr)
+                    return 255
+                pending += data
+                start = pending.find(SHELL_EXITED_PREFIX)
+                end = pending.find(SHELL_EXITED_END, start) if start >= 0 else -1
+                if end >= 0:
+                    os.write(stdout, pending[:start])
+                    status = pending[start + len(SHELL_EXITED_PREFIX) : end]
+                    return int(status) if status.isdigit() and len(status) < 4 else 255
+                keep = 0 if start < 0 else len(pending) - start
+                if start < 0:  # a marker may be cut anywhere: hold back a possible start
+                    for n in range(min(len(SHELL_EXITED_PREFIX) - 1, len(pending)), 0, -1):
+                        if SHELL_EXITED_PREFIX.startswith(pending[-n:]):
+                            keep = n
+                            break
+                os.write(stdout, pending[: len(pending) - keep])
+                pending = pending[len(pending) - keep :]
+    finally:
+        sock.close()
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kata-py", description="Run containerd pods in their own QEMU VMs."
@@ -130,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, (help_text, fn) in commands.items():
         sub.add_parser(name, help=help_text).set_defaults(func=fn)
+    exec_ = sub.add_parser("exec", help="a root shell in a pod's VM (the debug console)")
+    exec_.add_argument("sandbox", help="the sandbox (pod) id")
+    exec_.set_defaults(func=cmd_exec)
     metrics = sub.add_parser("metrics", help="a running pod's Prometheus metrics, from its shim")
     metrics.add_argument("sandbox", help="the sandbox (pod) id")
     metrics.set_defaults(func=cmd_metrics)

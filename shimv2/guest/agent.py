@@ -52,6 +52,7 @@ class Options:
     debug: bool = False
     guest_setup: bool = False
     state_dir: str = DEFAULT_STATE_DIR
+    debug_console: bool = False  # a shell on the debug.console.0 port (kata-py exec)
 
 
 def parse_cmdline(text: str) -> dict[str, str]:
@@ -90,6 +91,7 @@ def parse_options(
     if kv.get("runtime") in ("crun", "runc"):
         opts.runtime = kv["runtime"]
     opts.debug = _truthy(kv.get("debug"))
+    opts.debug_console = _truthy(kv.get("debug_console"))
     pid = os.getpid() if pid is None else pid
     ppid = os.getppid() if ppid is None else ppid
     # PID 1, or a child of the guest's own init (only the guest image has the module list).
@@ -258,6 +260,20 @@ async def serve_channel(
             on_ready(f"vsock:{options.vsock_port}")
 
 
+async def debug_console(reaper: Any, port_wait: float) -> None:
+    """The debug console, if its port shows up; the agent serves on without it."""
+    from shimv2.guest.debug_console import PORT_NAME, serve_debug_console
+
+    port = await ch.wait_for_serial_port(port_wait, PORT_NAME)
+    if port is None:
+        log.warning("debug console asked for, but there is no port %s", PORT_NAME)
+        return
+    try:
+        await serve_debug_console(reaper, str(port))
+    except ch.ChannelError as exc:
+        log.warning("debug console: %s", exc)
+
+
 def setup_logging(debug: bool, in_guest: bool) -> TextIO:
     """Log lines to the console (the guest's serial console) or stderr; return the stream."""
     stream: TextIO = sys.stderr
@@ -299,6 +315,8 @@ async def run(options: Options, out: TextIO) -> None:
             await nursery.start(containers_run)
         elif reaper is not None:
             await nursery.start(reaper.run)
+        if options.debug_console and reaper is not None:
+            nursery.start_soon(debug_console, reaper, options.port_wait)
         await serve_channel(agent.server, options, on_ready=ready)
         nursery.cancel_scope.cancel()
 

@@ -65,6 +65,8 @@ class AgentConfig:
     dial_timeout: float = 90.0
     request_timeout: float = 60.0
     oci_runtime: str = "crun"
+    # A root shell in each VM for ``kata-py exec`` (Kata's debug console): debugging only.
+    debug_console_enabled: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +95,13 @@ class Config:
         params = [f"kata_py.runtime={self.agent.oci_runtime}"]
         if self.runtime.enable_debug:
             params.append("kata_py.debug=1")
-        return dataclasses.replace(qemu, kernel_params=(*qemu.kernel_params, *params))
+        if self.agent.debug_console_enabled:
+            params.append("kata_py.debug_console=1")
+        return dataclasses.replace(
+            qemu,
+            kernel_params=(*qemu.kernel_params, *params),
+            debug_console=self.agent.debug_console_enabled,
+        )
 
 
 def _section(cls: type[Any], table: Mapping[str, Any], where: str) -> Any:

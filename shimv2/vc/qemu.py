@@ -27,6 +27,7 @@ from shimv2.vc.virtiofsd import VIRTIOFSD, start_virtiofsd
 log = logging.getLogger(__name__)
 
 AGENT_PORT_NAME = "agent.channel.0"
+DEBUG_CONSOLE_PORT = "debug.console.0"  # shimv2.guest.debug_console.PORT_NAME
 SHARED_TAG = "kataShared"
 # Trimmed kernel command line measured in the VM recipe; tsc_early_khz keeps
 # microvm from hanging while it calibrates the TSC under TCG.
@@ -78,6 +79,8 @@ class QemuConfig:
     shared_dir: str | None = None
     virtiofsd: str = VIRTIOFSD
     agent_channel: str = "auto"  # serial | vsock | auto (vsock where the host has it)
+    # A virtio-serial port for the guest's debug shell (``kata-py exec``).
+    debug_console: bool = False
     # Devices known only at launch (network taps): arguments and the fds they name.
     extra_args: tuple[str, ...] = ()
     pass_fds: tuple[int, ...] = ()
@@ -98,6 +101,11 @@ class QemuConfig:
                 )
         if shutil.which(self.binary) is None:
             raise FailedPrecondition(f"hypervisor binary not found: {self.binary}")
+
+
+def debug_console_socket(run_dir: Path) -> Path:
+    """Where a VM's debug console port is served on the host (a socket QEMU listens on)."""
+    return run_dir / "debug-console.sock"
 
 
 class Qemu:
@@ -133,6 +141,10 @@ class Qemu:
     @property
     def console_path(self) -> Path:
         return self.run_dir / "console.log"
+
+    @property
+    def debug_console_path(self) -> Path:
+        return debug_console_socket(self.run_dir)
 
     @property
     def pid(self) -> int | None:
@@ -309,15 +321,22 @@ class Qemu:
             # libvhost-user refuses legacy virtio devices.
             argv += ["-global", "virtio-mmio.force-legacy=false"]
         argv += ["-M", machine]
+        serial = "virtio-serial-device" if microvm else "virtio-serial-pci"
         if self._vsock_cid is not None:
             dev = "vhost-vsock-device" if microvm else "vhost-vsock-pci"
             argv += ["-device", f"{dev},guest-cid={self._vsock_cid}"]
         else:
-            serial = "virtio-serial-device" if microvm else "virtio-serial-pci"
             argv += [
                 "-device", f"{serial},id=vser0",
                 "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
                 "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
+            ]  # fmt: skip
+        if cfg.debug_console:
+            if self._vsock_cid is not None:
+                argv += ["-device", f"{serial},id=vser0"]
+            argv += [
+                "-chardev", f"socket,id=dbgcon,path={self.debug_console_path},server=on,wait=off",
+                "-device", f"virtserialport,bus=vser0.0,chardev=dbgcon,name={DEBUG_CONSOLE_PORT}",
             ]  # fmt: skip
         return [*argv, *cfg.extra_args]
 

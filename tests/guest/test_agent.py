@@ -208,6 +208,8 @@ def test_options_from_cmdline_and_argv(tmp_path: Path) -> None:
     assert (opts.guest_setup, opts.channel, opts.port) == (False, "serial", "/dev/x")
     assert parse_options(["--guest-setup"], "", pid=9, ppid=8).guest_setup
     assert parse_options([], "kata_py.channel=bogus", pid=9, ppid=8).channel == "auto"
+    assert parse_options([], "kata_py.debug_console=1", pid=9, ppid=8).debug_console
+    assert not parse_options([], "", pid=9, ppid=8).debug_console
 
 
 async def test_containers_are_composed_and_destroy_calls_back() -> None:

@@ -117,5 +117,9 @@ def test_agent_settings_reach_the_kernel_command_line() -> None:
     assert "kata_py.runtime=runc" in params
     assert "kata_py.debug=1" in params
     assert "kata_py.runtime=crun" in Config().qemu(None).kernel_params
+    assert not Config().qemu(None).debug_console
+    console = parse_config("[agent.kata]\ndebug_console_enabled = true\n").qemu(None)
+    assert console.debug_console
+    assert "kata_py.debug_console=1" in console.kernel_params
     with pytest.raises(InvalidArgument, match="crun or runc"):
         parse_config('[agent.kata]\noci_runtime = "youki"\n').qemu(None)

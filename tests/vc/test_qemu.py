@@ -82,6 +82,11 @@ async def test_command_line_for_both_machines(tmp_path: Path) -> None:
     assert "-M q35,memory-backend=mem" in q35
     assert "vhost-user-fs-pci" in q35
     assert "virtio-serial-pci" in q35
+    assert "debug.console.0" not in micro
+    console = _vm(tmp_path, debug_console=True)
+    argv = " ".join(console.argv())
+    assert f"socket,id=dbgcon,path={console.debug_console_path},server=on,wait=off" in argv
+    assert "virtserialport,bus=vser0.0,chardev=dbgcon,name=debug.console.0" in argv
 
 
 async def test_virtiofsd_death_ends_the_vm(tmp_path: Path, nursery: trio.Nursery) -> None:
