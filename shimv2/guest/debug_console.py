@@ -27,6 +27,7 @@ from typing import Any
 import trio
 
 from shimv2.guest import channel as ch
+from shimv2.guest.stdio import write_all
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +44,6 @@ def shell_exited(status: int) -> bytes:
     return SHELL_EXITED_PREFIX + str(status).encode() + SHELL_EXITED_END
 
 
-async def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            view = view[os.write(fd, view) :]
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(fd)
-
-
 async def _copy(src: int, dst: int) -> None:
     """Until ``src`` ends: EOF, or EIO (a pty master whose shell has gone; a port with no host)."""
     while True:
@@ -66,7 +58,7 @@ async def _copy(src: int, dst: int) -> None:
             raise
         if not data:
             return
-        await _write_all(dst, data)
+        await write_all(dst, data)
 
 
 def _signal_group(pid: int, sig: int) -> None:
@@ -86,7 +78,7 @@ async def run_session(reaper: Any, port: int, first: bytes, argv: Sequence[str] 
     log.info("debug console: shell %d started", pid)
     host_left = False
     try:
-        await _write_all(master, first)
+        await write_all(master, first)
         async with trio.open_nursery() as nursery:
 
             async def from_host() -> None:
@@ -109,7 +101,7 @@ async def run_session(reaper: Any, port: int, first: bytes, argv: Sequence[str] 
     log.info("debug console: shell %d exited with %d (host left: %s)", pid, status, host_left)
     if not host_left:
         with contextlib.suppress(OSError):
-            await _write_all(port, shell_exited(status))
+            await write_all(port, shell_exited(status))
 
 
 async def serve_debug_console(

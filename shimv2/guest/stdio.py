@@ -94,6 +94,16 @@ class OutputBuffer:
         return out
 
 
+async def write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to the nonblocking ``fd``, waiting while it is full."""
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
+
+
 class StdinWriter:
     def __init__(self, fd: int, *, eof_on_close: bytes = b"") -> None:
         """Own ``fd``; ``eof_on_close`` is sent before closing (^D for a terminal)."""
@@ -114,18 +124,12 @@ class StdinWriter:
         return len(data)
 
     async def _write_all(self, fd: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                sent = os.write(fd, view)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(fd)
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.EPIPE, errno.EIO):
-                    raise FailedPrecondition("the process closed its stdin") from exc
-                raise
-            view = view[sent:]
+        try:
+            await write_all(fd, data)
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.EIO):
+                raise FailedPrecondition("the process closed its stdin") from exc
+            raise
 
     async def aclose(self) -> None:
         """Close after the writes already queued; idempotent."""
