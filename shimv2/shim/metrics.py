@@ -170,12 +170,24 @@ def fetch_metrics(path: str, timeout: float = REQUEST_TIMEOUT) -> str:
     return body.decode()
 
 
+def _in_use(path: str) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+    return True
+
+
 def listen_monitor(path: str) -> socket.socket:
-    """The monitor's listening socket (mode 0600), replacing a stale one."""
+    """The monitor's listening socket (mode 0600), replacing a stale one, never a live one."""
     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise FileExistsError(f"{path} exists and is not a socket")
+        if _in_use(path):
+            raise FileExistsError(f"{path} is served by another shim")
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import time
 from collections.abc import Iterable
@@ -143,3 +144,16 @@ async def test_fetch_metrics_as_the_cli_does(monitor: tuple[str, ShimMetrics]) -
     path, _ = monitor
     text = await trio.to_thread.run_sync(fetch_metrics, path)
     assert ("kata_shim_threads", ()) in samples(text)
+
+
+async def test_a_live_monitor_socket_is_never_taken_over(
+    monitor: tuple[str, ShimMetrics], tmp_path: Path
+) -> None:
+    path, _ = monitor
+    with pytest.raises(FileExistsError, match="another shim"):
+        listen_monitor(path)
+    assert (await http(path, b"GET /metrics HTTP/1.0\r\n\r\n"))[0] == 200
+    stale = str(tmp_path / "stale.sock")
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(stale)  # bound, never listening: what a killed shim leaves
+    listen_monitor(stale).close()
