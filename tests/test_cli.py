@@ -2,10 +2,13 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import re
+import select
 import shutil
 import subprocess
 import sys
+import termios
 import time
 import uuid
 from collections.abc import Iterator
@@ -151,6 +154,48 @@ def test_exec_gives_a_shell_in_the_vm(console_pod: tuple[Path, str]) -> None:
     out = kata_py(config, "exec", sid, stdin="ps | grep -c '[s]leep 1000'\n")
     assert out.returncode == 1  # grep found nothing
     assert "\n0\n" in out.stdout  # (text mode turned the \r\n into \n)
+
+
+@pytest.mark.vm
+def test_exec_on_a_terminal_is_raw_and_detaches_on_ctrl_close_bracket(
+    console_pod: tuple[Path, str],
+) -> None:
+    config, sid = console_pod
+    leader, follower = pty.openpty()
+    bindir = sys.executable.rsplit("/", 1)[0]
+    proc = subprocess.Popen(
+        [f"{bindir}/kata-py", "--config", str(config), "exec", sid],
+        stdin=follower,
+        stdout=follower,
+        stderr=subprocess.PIPE,
+    )
+    os.close(follower)
+    seen = b""
+
+    def read_until(marker: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 60
+        while marker not in seen:
+            assert time.monotonic() < deadline, seen
+            ready, _, _ = select.select([leader], [], [], 1)
+            if ready:
+                seen += os.read(leader, 4096)
+
+    try:
+        read_until(b"^] leaves")
+        os.write(leader, b"uname -r\r")  # a terminal's Enter: raw mode passes it through
+        read_until(GUEST_KERNEL.encode())
+        os.write(leader, b"\x1d")
+        assert proc.wait(timeout=30) == 0
+        # the terminal is restored: back in canonical mode with echo
+        attrs = termios.tcgetattr(leader)
+        assert attrs[3] & termios.ICANON
+        assert attrs[3] & termios.ECHO
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(leader)
 
 
 def test_exec_without_a_debug_console_says_how_to_get_one(
