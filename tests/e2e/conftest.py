@@ -1,7 +1,7 @@
 """A real containerd for end-to-end tests: private root, state and socket.
 
-Every test runs against Debian's containerd 1.6 (Task v2, plain address) and
-the pinned containerd 2.2 (JSON bootstrap reply) and 2.4 (protobuf bootstrap
+Every test runs against Debian's containerd 1.6 and the pinned 1.7 (both Task
+v2, plain address), 2.2 (JSON bootstrap reply) and 2.4 (protobuf bootstrap
 reply) that scripts/build-containerd builds under ``build/`` (scripts/setup
 runs it); a missing one fails the tests. Each test leaves no shim, VM or state
 behind.
@@ -117,7 +117,12 @@ def _built(version: str) -> tuple[str, str, str]:
     return version, str(release / "containerd"), str(release / "ctr")
 
 
-VERSIONS = [("1.6", "/usr/bin/containerd", "/usr/bin/ctr"), _built("2.2.9"), _built("2.4.2")]
+VERSIONS = [
+    ("1.6", "/usr/bin/containerd", "/usr/bin/ctr"),
+    _built("1.7.35"),
+    _built("2.2.9"),
+    _built("2.4.2"),
+]
 
 
 def shim_pids() -> list[int]:
