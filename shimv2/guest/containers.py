@@ -21,6 +21,7 @@ import collections
 import contextlib
 import enum
 import json
+import logging
 import os
 import re
 import shutil
@@ -48,6 +49,10 @@ from shimv2.guest.stdio import OutputBuffer, StdinWriter, receive_fd
 from shimv2.pb.kata import agent_pb2, oci_pb2
 from shimv2.ttrpc import CallContext
 
+log = logging.getLogger(__name__)
+
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,75}$")
 MAX_READ = 1 << 20
 MAX_CONTAINERS = 1024
@@ -183,6 +188,31 @@ class ContainerService:
 
     # ---- create / start / remove ----------------------------------------------------------
 
+    def _join_pod_namespaces(self, config: dict[str, object], sandbox_pidns: bool) -> None:
+        """A CRI app container joins its pod's IPC and UTS namespaces (and PID, if asked).
+
+        On a host, CRI points them at the pause container's; the host's paths
+        mean nothing here, so the guest's pause container, found by the
+        sandbox-id annotation, stands in. Pod sysctls (set on the pause
+        container) and System V IPC are then shared as in a pod without a VM.
+        """
+        annotations = config.get("annotations") or {}
+        assert isinstance(annotations, dict)
+        if annotations.get(CRI_CONTAINER_TYPE) != "container":
+            return
+        sandbox = self._containers.get(str(annotations.get(CRI_SANDBOX_ID, "")))
+        if sandbox is None or sandbox.init is None or sandbox.init.exited:
+            log.warning("container of pod %s: no running sandbox container to join",
+                        annotations.get(CRI_SANDBOX_ID))  # fmt: skip
+            return
+        shared = {"ipc", "uts", *(["pid"] if sandbox_pidns else [])}
+        linux = config.get("linux")
+        assert isinstance(linux, dict)
+        for ns in linux.get("namespaces") or []:
+            if ns.get("type") in shared:
+                ns["path"] = f"/proc/{sandbox.init.pid}/ns/{ns['type']}"
+        config.pop("hostname", None)  # a joined UTS namespace has the pod's; runtimes refuse it
+
     async def CreateContainer(
         self, ctx: CallContext, req: agent_pb2.CreateContainerRequest
     ) -> Empty:
@@ -201,7 +231,7 @@ class ContainerService:
         self._containers[cid] = container
         async with container.lock:
             try:
-                await self._create(container, spec, nursery)
+                await self._create(container, spec, nursery, req.sandbox_pidns)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     await self._destroy(container, force=True)
@@ -209,7 +239,11 @@ class ContainerService:
         return Empty()
 
     async def _create(
-        self, container: Container, spec: oci_pb2.Spec, nursery: trio.Nursery
+        self,
+        container: Container,
+        spec: oci_pb2.Spec,
+        nursery: trio.Nursery,
+        sandbox_pidns: bool = False,
     ) -> None:
         bundle = container.bundle
         shutil.rmtree(bundle, ignore_errors=True)  # a leftover of an agent before us
@@ -226,6 +260,7 @@ class ContainerService:
         container.cgroup = cgroups.cgroup_dir(self._cgroup_root, cgroups_path)
         for key, value in oci.take_shared_net_sysctls(config).items():
             _set_sysctl(self._proc_sys, key, value)
+        self._join_pod_namespaces(config, sandbox_pidns)
         _write_json(os.path.join(bundle, "config.json"), config)
         container.init = await self._launch(
             container,

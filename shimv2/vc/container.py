@@ -103,7 +103,10 @@ class Container:
         for index, source in (await self.sandbox.mount_storage(self, config)).items():
             spec.Mounts[index].source = source
         request = agent_pb2.CreateContainerRequest(
-            container_id=self.id, exec_id=self.id, OCI=spec, sandbox_pidns=False
+            container_id=self.id,
+            exec_id=self.id,
+            OCI=spec,
+            sandbox_pidns=joins_pod_pid_namespace(config.spec),
         )
         await self.sandbox.agent.call("CreateContainer", request, Empty)
 
@@ -308,6 +311,19 @@ class Container:
             agent_pb2.StatsContainerRequest(container_id=self.id),
             agent_pb2.StatsContainerResponse,
         )
+
+
+def joins_pod_pid_namespace(spec: Mapping[str, Any]) -> bool:
+    """A CRI app container that shares its pod's PID namespace (shareProcessNamespace).
+
+    The host spec names the pause container's namespace by a host path, which
+    ``guest_spec`` drops; the agent joins the guest's pause container instead.
+    """
+    annotations = spec.get("annotations") or {}
+    if annotations.get("io.kubernetes.cri.container-type") != "container":
+        return False
+    namespaces = (spec.get("linux") or {}).get("namespaces") or []
+    return any(ns.get("type") == "pid" and ns.get("path") for ns in namespaces)
 
 
 def guest_spec(spec: Mapping[str, Any], cid: str) -> oci_pb2.Spec:

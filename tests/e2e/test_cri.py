@@ -141,7 +141,7 @@ def pod_config(name: str, log_dir: Path) -> dict[str, Any]:
         "metadata": {"name": name, "namespace": "e2e", "uid": uuid.uuid4().hex, "attempt": 0},
         "hostname": name,
         "log_directory": str(log_dir),
-        "linux": {},
+        "linux": {"sysctls": {"kernel.shm_rmid_forced": "1"}},
     }
 
 
@@ -196,6 +196,10 @@ def test_a_pod_of_two_containers_runs_in_one_vm(cri: Cri, tmp_path: Path) -> Non
             # CRI 2.x sets this pod sysctl; the agent set it on the guest's network
             group_range = cri("exec", "--sync", app, "cat", "/proc/sys/net/ipv4/ping_group_range")
             assert group_range.split() == ["0", "2147483647"]
+        # the containers share the pod's IPC namespace, with the pod's sysctl in it
+        ipc = {cri("exec", "--sync", c, "readlink", "/proc/self/ns/ipc") for c in (app, side)}
+        assert len(ipc) == 1
+        assert cri("exec", "--sync", app, "cat", "/proc/sys/kernel/shm_rmid_forced").strip() == "1"
         # CRI's files reach the guest through the shared bind mounts
         assert cri("exec", "--sync", app, "cat", "/etc/hostname").strip() == "kpy-pod"
         # the pod's IP, from the CNI bridge on the host, answers from inside the VM

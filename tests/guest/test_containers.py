@@ -499,6 +499,44 @@ async def test_net_sysctls_of_a_shared_network_are_set_by_the_agent(
     await agent.remove(cid)
 
 
+@pytest.mark.parametrize("sandbox_pidns", [False, True])
+async def test_an_app_container_joins_its_pods_namespaces(
+    agent: Agent, sandbox_pidns: bool
+) -> None:
+    pod, app = agent.cid("pod"), agent.cid("app")
+    pod_spec = make_spec(agent.rootfs, ["sleep", "100"])
+    pod_spec.Hostname = "pod-host"
+    pod_spec.Annotations.update(
+        {"io.kubernetes.cri.container-type": "sandbox", "io.kubernetes.cri.sandbox-id": pod}
+    )
+    await agent.call(
+        "CreateContainer", agent_pb2.CreateContainerRequest(container_id=pod, OCI=pod_spec)
+    )
+    await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=pod))
+    pod_pid = agent.service._containers[pod].init.pid  # type: ignore[union-attr]
+    script = "for ns in ipc uts pid; do readlink /proc/self/ns/$ns; done; hostname"
+    app_spec = make_spec(agent.rootfs, ["sh", "-c", script])
+    app_spec.Hostname = "pod-host"
+    app_spec.Annotations.update(
+        {"io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.sandbox-id": pod}
+    )
+    request = agent_pb2.CreateContainerRequest(
+        container_id=app, OCI=app_spec, sandbox_pidns=sandbox_pidns
+    )
+    await agent.call("CreateContainer", request)
+    await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=app))
+    ipc, uts, pid, hostname = (await agent.read_all(app)).decode().split()
+    assert await agent.wait(app) == 0
+    assert ipc == os.readlink(f"/proc/{pod_pid}/ns/ipc")
+    assert uts == os.readlink(f"/proc/{pod_pid}/ns/uts")
+    assert (pid == os.readlink(f"/proc/{pod_pid}/ns/pid")) is sandbox_pidns
+    assert hostname == "pod-host"
+    await agent.remove(app)
+    await agent.call("SignalProcess", agent_pb2.SignalProcessRequest(container_id=pod, signal=9))
+    await agent.wait(pod)
+    await agent.remove(pod)
+
+
 async def test_remove_leaves_nothing(agent: Agent) -> None:
     cid = await agent.run("rm", ["sleep", "100"])
     init = agent.service._containers[cid].init
