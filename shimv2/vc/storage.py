@@ -78,14 +78,22 @@ async def _run_mount(argv: Sequence[str]) -> None:
 
 
 async def _bind(source: str, target: Path, options: Sequence[str], recursive: bool) -> None:
+    """Bind ``source``; read-only as the OCI options say, like runc does on a host.
+
+    A bind mount becomes read-only by a remount. ``ro`` is the top mount only
+    (the mounts below an rbind stay writable: critest checks it); ``rro``
+    (Kubernetes' recursive read-only) is every mount of the tree.
+    """
     await _run_mount(["mount", "--rbind" if recursive else "--bind", source, str(target)])
-    if "ro" in options:
-        # A bind mount only becomes read-only by a remount, and each mount of
-        # an rbind tree separately: else the guest could write below it.
-        top = str(target)
-        for point in _mount_points():
-            if point == top or point.startswith(top + "/"):
-                await _run_mount(["mount", "-o", "remount,bind,ro", point])
+    top = str(target)
+    if "rro" in options:
+        points = [p for p in _mount_points() if p == top or p.startswith(top + "/")]
+    elif "ro" in options:
+        points = [top]
+    else:
+        return
+    for point in points:
+        await _run_mount(["mount", "-o", "remount,bind,ro", point])
 
 
 async def mount_rootfs(

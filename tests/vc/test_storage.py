@@ -109,23 +109,27 @@ async def test_bind_sources_are_shared_and_the_guest_spec_names_them(tmp_path: P
         _bind(hosts, "/etc/hosts", "rbind", "ro"),
         _bind("/dev/null", "/dev/null", "bind"),  # the guest's own /dev/null
         {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid"]},
+        _bind(ro, "/config-all", "rbind", "rro"),
     ]
     record: list[str] = []
     try:
         guest = await share_bind_mounts(shared, "c4", mounts, record)
-        assert guest == {i: guest_mount_source("c4", i) for i in (1, 2, 3)}
+        assert guest == {i: guest_mount_source("c4", i) for i in (1, 2, 3, 6)}
         assert guest[1] == "/run/kata-containers/shared/containers/c4/mounts/1"
         top = shared / "c4" / "mounts"
-        assert record == [str(top / "1"), str(top / "2"), str(top / "3")]
+        assert record == [str(top / "1"), str(top / "2"), str(top / "3"), str(top / "6")]
         (top / "1" / "new").write_text("from the guest")
         assert (rw / "new").read_text() == "from the guest"
         assert (top / "3").read_text() == "127.0.0.1 localhost\n"
         assert (top / "2" / "inner" / "file").read_text() == "below"
-        # read-only all the way down, the submount of the rbind too
-        for path in (top / "2" / "x", top / "2" / "inner" / "x", top / "3"):
+        # ro: the top mount only, as runc does (the rbind's submount stays writable);
+        # rro: every mount of the tree
+        for path in (top / "2" / "x", top / "3", top / "6" / "x", top / "6" / "inner" / "x"):
             with pytest.raises(OSError, match="Read-only file system") as err:
                 path.write_text("x")
             assert err.value.errno == errno.EROFS
+        (top / "2" / "inner" / "x").write_text("x")
+        assert (sub / "x").read_text() == "x"
         with pytest.raises(Internal, match="still mounted"):
             remove_container_dir(shared, "c4")
     finally:
