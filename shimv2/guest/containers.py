@@ -61,6 +61,7 @@ MAX_FINISHED_EXECS = 1024
 MAX_SIGNAL = 64
 DEFAULT_REMOVE_TIMEOUT = 30.0
 OOM_QUEUE = 64
+OOM_HANDOVER = 1.0  # seconds an init's exit waits for the host to take its OOM event
 
 # Runs the runtime verb that starts a process: (stdio fds, console socket, pid file).
 _Launcher = Callable[[tuple[int, int, int], str | None, str], Awaitable[None]]
@@ -146,6 +147,7 @@ class ContainerService:
         self._console_seq = 0
         self._oom_events: deque[str] = deque(maxlen=OOM_QUEUE)
         self._oom_changed = trio.lowlevel.ParkingLot()
+        self._oom_taken = trio.lowlevel.ParkingLot()
 
     # ---- lifetime -------------------------------------------------------------------------
 
@@ -468,6 +470,8 @@ class ContainerService:
     ) -> agent_pb2.WaitProcessResponse:
         container, proc = self._process(req.container_id, req.exec_id)
         status = await proc.wait()
+        if proc.init:
+            await self._hand_over_oom(container)
         proc.waited = True
         self._forget_if_done(container, proc)
         return agent_pb2.WaitProcessResponse(status=status)
@@ -599,19 +603,39 @@ class ContainerService:
     ) -> agent_pb2.OOMEvent:
         while not self._oom_events:
             await self._oom_changed.park()
-        return agent_pb2.OOMEvent(container_id=self._oom_events.popleft())
+        event = agent_pb2.OOMEvent(container_id=self._oom_events.popleft())
+        self._oom_taken.unpark_all()
+        return event
 
     async def _watch_oom(self) -> None:
         while True:
             await trio.sleep(self._oom_poll_interval)
             for container in list(self._containers.values()):
-                if not container.cgroup:
-                    continue
-                kills = cgroups.oom_kills(container.cgroup)
-                if kills > container.oom_kills:
-                    container.oom_kills = kills
-                    self._oom_events.append(container.id)
-                    self._oom_changed.unpark_all()
+                self._check_oom(container)
+
+    def _check_oom(self, container: Container) -> bool:
+        """Queue an OOM event if the container's cgroup counted a new OOM kill."""
+        if not container.cgroup:
+            return False
+        kills = cgroups.oom_kills(container.cgroup)
+        if kills <= container.oom_kills:
+            return False
+        container.oom_kills = kills
+        self._oom_events.append(container.id)
+        self._oom_changed.unpark_all()
+        return True
+
+    async def _hand_over_oom(self, container: Container) -> None:
+        """Before an init's exit goes out: its OOM kill, if any, goes out first.
+
+        containerd reports a task as OOMKilled only when the OOM event came
+        before the exit; the poller alone would often be late. Bounded, for a
+        host that does not listen for OOM events.
+        """
+        if self._check_oom(container):
+            with trio.move_on_after(OOM_HANDOVER):
+                while container.id in self._oom_events:
+                    await self._oom_taken.park()
 
     async def remove_all(self) -> None:
         """Kill and remove every container (agent shutdown, tests)."""

@@ -380,17 +380,15 @@ async def test_oom_in_the_guest_reaches_on_oom(vc: VirtContainers, tmp_path: Pat
         SandboxConfig(id=s, containers=(dataclasses.replace(cc, spec=spec),))
     )
     seen: list[str] = []
-    got = trio.Event()
 
     def on_oom(cid: str) -> None:
         seen.append(cid)
-        got.set()
 
     sandbox.on_oom = on_oom
     await vc.start_sandbox(s)
     with trio.fail_after(60):
-        await got.wait()
         assert await sandbox.container("hog").wait() == 137
+    # already: the OOM kill is reported before the exit it caused (containerd's OOMKilled)
     assert seen == ["hog"]
     await vc.stop_sandbox(s)
     await vc.delete_sandbox(s)
