@@ -81,6 +81,9 @@ def oom_kills(directory: str) -> int:
     return _flat_keyed(_read(os.path.join(directory, "memory.events"))).get("oom_kill", 0)
 
 
+OOM_EVENT_KEYS = ("oom", "oom_kill")
+
+
 def read_stats(directory: str) -> agent_pb2.CgroupStats:
     """The cgroup's cpu, memory, pids, io and hugetlb statistics."""
     stats = agent_pb2.CgroupStats()
@@ -106,7 +109,12 @@ def read_stats(directory: str) -> agent_pb2.CgroupStats:
     memory.usage.usage = _single(_read(path("memory.current")))
     memory.usage.max_usage = _single(_read(path("memory.peak")))
     memory.usage.limit = _single(_read(path("memory.max")), max_value=UNLIMITED)
-    memory.usage.failcnt = _flat_keyed(_read(path("memory.events"))).get("max", 0)
+    events = _flat_keyed(_read(path("memory.events")))
+    memory.usage.failcnt = events.get("max", 0)
+    # memory.stat has no such keys; the host reports them as OOM counts (CRI's
+    # container_oom_events_total comes from them).
+    for key in OOM_EVENT_KEYS if events else ():
+        memory.stats[key] = events.get(key, 0)
     memory.swap_usage.usage = _single(_read(path("memory.swap.current")))
     memory.swap_usage.limit = _single(_read(path("memory.swap.max")), max_value=UNLIMITED)
     memory.kernel_usage.usage = memory_stat.get("kernel", 0)

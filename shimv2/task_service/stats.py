@@ -107,6 +107,7 @@ def metrics_v1(stats: agent_pb2.StatsContainerResponse) -> v1.Metrics:
             kernel=_memory_entry(mem.kernel_usage),
         )
     )
+    m.memory_oom_control.CopyFrom(v1.MemoryOomControl(oom_kill=mem.stats.get("oom_kill", 0)))
     m.blkio.CopyFrom(
         v1.BlkIOStat(
             io_service_bytes_recursive=_blkio_v1(blk.io_service_bytes_recursive),
@@ -178,6 +179,13 @@ def metrics_v2(stats: agent_pb2.StatsContainerResponse) -> v2.Metrics:
             pgfault=mem.stats.get("pgfault", 0),
             pgmajfault=mem.stats.get("pgmajfault", 0),
             inactive_file=mem.stats.get("inactive_file", mem.stats.get("total_inactive_file", 0)),
+        )
+    )
+    m.memory_events.CopyFrom(
+        v2.MemoryEvents(
+            max=mem.usage.failcnt,
+            oom=mem.stats.get("oom", 0),
+            oom_kill=mem.stats.get("oom_kill", 0),
         )
     )
     m.io.CopyFrom(v2.IOStat(usage=_io_v2(cg.blkio_stats)))

@@ -594,7 +594,13 @@ def test_read_stats_from_cgroup_files(tmp_path: Path) -> None:
     assert stats.memory_stats.usage.limit == cgroups.UNLIMITED
     assert stats.memory_stats.usage.failcnt == 3
     assert stats.memory_stats.cache == 2048
-    assert dict(stats.memory_stats.stats) == {"anon": 1024, "file": 2048, "kernel": 100}
+    assert dict(stats.memory_stats.stats) == {
+        "anon": 1024,
+        "file": 2048,
+        "kernel": 100,
+        "oom": 1,
+        "oom_kill": 2,
+    }
     assert (stats.pids_stats.current, stats.pids_stats.limit) == (3, 100)
     assert [(e.op, e.value) for e in stats.blkio_stats.io_service_bytes_recursive] == [
         ("Read", 10),

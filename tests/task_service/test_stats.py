@@ -35,7 +35,14 @@ def sample() -> agent_pb2.StatsContainerResponse:
             usage=agent_pb2.MemoryData(usage=1000, max_usage=1500, failcnt=1, limit=4096),
             swap_usage=agent_pb2.MemoryData(usage=5, limit=50),
             use_hierarchy=True,
-            stats={"total_cache": 12, "total_rss": 34, "pgfault": 9, "total_inactive_file": 8},
+            stats={
+                "total_cache": 12,
+                "total_rss": 34,
+                "pgfault": 9,
+                "total_inactive_file": 8,
+                "oom": 3,
+                "oom_kill": 2,
+            },
         ),
         pids_stats=agent_pb2.PidsStats(current=3, limit=100),
         blkio_stats=agent_pb2.BlkioStats(
@@ -68,6 +75,8 @@ def test_v1_type_url_exact_and_value_parses() -> None:
     assert (m.memory.usage.usage, m.memory.usage.limit, m.memory.usage.max) == (1000, 4096, 1500)
     assert (m.memory.cache, m.memory.rss, m.memory.pg_fault) == (12, 34, 9)
     assert m.memory.swap.limit == 50
+    assert m.HasField("memory_oom_control")  # CRI's container_oom_events_total needs it
+    assert m.memory_oom_control.oom_kill == 2
     assert (m.pids.current, m.pids.limit) == (3, 100)
     assert m.blkio.io_service_bytes_recursive[1].value == 200
     assert m.hugetlb[0].pagesize == "2MB"
@@ -84,6 +93,7 @@ def test_v2_type_url_exact_and_value_parses() -> None:
     assert (m.cpu.nr_periods, m.cpu.nr_throttled, m.cpu.throttled_usec) == (10, 2, 7)
     assert (m.memory.usage, m.memory.usage_limit, m.memory.max_usage) == (1000, 4096, 1500)
     assert (m.memory.swap_usage, m.memory.swap_limit) == (5, 50)
+    assert (m.memory_events.max, m.memory_events.oom, m.memory_events.oom_kill) == (1, 3, 2)
     assert (m.pids.current, m.pids.limit) == (3, 100)
     io = {(e.major, e.minor): e for e in m.io.usage}
     assert (io[8, 0].rbytes, io[8, 0].wbytes, io[8, 0].rios) == (100, 200, 4)
