@@ -66,6 +66,13 @@ def negotiated_task_api(cd: Containerd, name: str) -> int:
     return int(reply["version"])
 
 
+def wait_stopped(cd: Containerd, name: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while task_status(cd, name) != "STOPPED":
+        assert time.monotonic() < deadline, f"{name} did not stop within {timeout} s"
+        time.sleep(0.2)
+
+
 def test_run_prints_the_guest_kernel_and_exit_codes(cd: Containerd) -> None:
     out = cd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, cid(), "uname", "-r")
     assert out.stdout.strip() == GUEST_KERNEL
@@ -135,10 +142,7 @@ def test_exec_stdin_tty_ps_metrics_pause_kill(cd: Containerd) -> None:
         cd.ctr("task", "resume", name)
         assert task_status(cd, name) == "RUNNING"
         cd.ctr("task", "kill", "-a", "-s", "SIGKILL", name)
-        deadline = time.monotonic() + 30
-        while task_status(cd, name) != "STOPPED":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_stopped(cd, name, 30)
         cd.ctr("task", "rm", name)
         cd.ctr("containers", "rm", name)
     finally:
@@ -197,10 +201,7 @@ def test_kill_without_all_and_delete(cd: Containerd) -> None:
     try:
         time.sleep(1)
         cd.ctr("task", "kill", "-s", "SIGTERM", name)
-        deadline = time.monotonic() + 30
-        while task_status(cd, name) != "STOPPED":
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_stopped(cd, name, 30)
         deleted = cd.ctr("task", "rm", name).stdout
         assert "42" in deleted or deleted == ""
         cd.ctr("containers", "rm", name)
@@ -244,10 +245,7 @@ def test_containerd_restart_finds_the_shim_again(cd: Containerd) -> None:
         time.sleep(1)
         cd.start()
         assert task_status(cd, name) in ("RUNNING", "STOPPED")
-        deadline = time.monotonic() + 60
-        while task_status(cd, name) != "STOPPED":
-            assert time.monotonic() < deadline
-            time.sleep(0.5)
+        wait_stopped(cd, name, 60)
         cd.ctr("task", "rm", name)
         cd.ctr("containers", "rm", name)
     finally:
