@@ -9,9 +9,11 @@ shim reports to Prometheus; ``exec`` attaches to a pod VM's debug console.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -120,6 +122,161 @@ DETACH_KEY = b"\x1d"  # ^], as telnet's: leave the console, the shell keeps runn
 # After piped input: a ^D could reach the pty before the shell switches it to raw
 # mode and be lost; an ``exit`` line is read after the script, whatever the mode.
 END_OF_INPUT = b"\nexit\n"
+# The agent writes nothing after its exit marker, so a marker counts only once
+# the console stays quiet this long after it (seconds).
+MARKER_QUIET = 0.3
+MAX_STATUS_DIGITS = 3
+MAX_STRING = 4096  # an OSC/DCS string longer than this is dropped whole
+TITLE_OSC = (b"0;", b"1;", b"2;")
+# UTF-8 C1 controls that open a string (DCS, SOS, OSC, PM, APC), as their ESC forms.
+C1_STRINGS = {0x90: b"P", 0x98: b"X", 0x9D: b"]", 0x9E: b"^", 0x9F: b"_"}
+STRING_START = re.compile(rb"\x1b|\xc2[\x90\x98\x9d\x9e\x9f]")
+STRING_END = re.compile(rb"[\x07\x18\x1a\x1b]|\xc2\x9c")
+TITLE_UNSAFE = re.compile(rb"[\x00-\x1f\x7f]|\xc2[\x80-\x9f]")  # controls, C1 too
+
+
+class ExitMarker:
+    """Finds the agent's shell-exited marker in the console's output.
+
+    What the guest can and cannot do here: the status is the guest's word by
+    nature (a root shell in a VM we do not trust), so any guest can end a
+    session with any status from 0 to 255. What is refused is anything else:
+    a status that is no status (not 1 to 3 digits, over 255) is output, not a
+    marker; a marker followed by more output is output too (the agent writes
+    nothing after its own; a forged one, in a file the admin cats, is followed
+    by the shell's prompt), which ``attach_console`` checks by waiting
+    ``MARKER_QUIET`` before it believes one. Only content that forges a marker
+    and then keeps the shell silent still ends the session: telling the agent's
+    marker from one the shell prints would need a secret per session, which
+    the guest side does not have today. At most a marker's length is held back.
+    """
+
+    def __init__(self, prefix: bytes, end: bytes) -> None:
+        self._prefix = prefix
+        self._end = end
+        self.pending = b""  # held back: maybe the start of a marker, or a marker seen
+        self.status: int | None = None  # a complete marker, if nothing follows it
+
+    def feed(self, data: bytes) -> bytes:
+        """What to show of ``data`` now; sets ``status`` when a marker ends the output."""
+        if self.status is not None:  # output after a marker: it was not the agent's
+            self.status = None
+        buf, self.pending = self.pending + data, b""
+        prefix, end_mark = self._prefix, self._end
+        longest = len(prefix) + MAX_STATUS_DIGITS + len(end_mark)
+        shown = 0  # buf[:shown] is output
+        while True:
+            start = buf.find(prefix, shown)
+            if start < 0:
+                # A marker may be cut anywhere: hold back what may be its start.
+                keep = next(
+                    (n for n in range(min(len(prefix) - 1, len(buf) - shown), 0, -1)
+                     if prefix.startswith(buf[len(buf) - n :])),
+                    0,
+                )  # fmt: skip
+                self.pending = buf[len(buf) - keep :]
+                return buf[: len(buf) - keep]
+            end = buf.find(end_mark, start + len(prefix), start + longest)
+            if end < 0:
+                if len(buf) - start < longest:
+                    self.pending = buf[start:]  # may still become a marker
+                    return buf[:start]
+                shown = start + len(prefix)  # too long for a status: not a marker
+                continue
+            digits = buf[start + len(prefix) : end]
+            after = end + len(end_mark)
+            if digits.isdigit() and int(digits) <= 255 and after == len(buf):
+                self.status = int(digits)
+                self.pending = buf[start:]
+                return buf[:start]
+            shown = after  # no status, or output follows: not the agent's marker
+
+    def flush(self) -> bytes:
+        out, self.pending, self.status = self.pending, b"", None
+        return out
+
+
+class TerminalFilter:
+    """Keeps the console's escape sequences that could act on the admin's terminal from it.
+
+    Dropped: every DCS, SOS, PM and APC string (tmux passthrough, terminal
+    queries, sixel) and every OSC but window titles (clipboard writes with
+    OSC 52, colour and font changes, hyperlinks), also in their UTF-8 C1 forms.
+    Kept: CSI and the other short sequences, which an interactive shell and
+    full-screen programs (vi, top, less) need: colours, cursor moves, modes;
+    dropping those would break the shell. The terminal's answers to queries
+    go back to the guest, not to the host. Not covered: raw 8-bit C1 bytes,
+    which a UTF-8 terminal does not take as controls. Only for a terminal:
+    piped output is passed on as it comes.
+    """
+
+    def __init__(self) -> None:
+        self._held = b""  # an unfinished sequence
+        self._discarding = False  # inside a string too long to keep
+
+    def feed(self, data: bytes) -> bytes:
+        buf, self._held = self._held + data, b""
+        out = bytearray()
+        i = 0
+        if self._discarding:
+            end, size = _string_end(buf, 0)
+            if end < 0:
+                self._held = buf[-1:] if buf[-1:] in (b"\x1b", b"\xc2") else b""
+                return b""
+            self._discarding = False
+            i = end + size
+        while True:
+            m = STRING_START.search(buf, i)
+            if m is None:
+                tail = buf[i:]
+                if tail.endswith(b"\xc2"):  # maybe the first half of a C1 control
+                    self._held, tail = tail[-1:], tail[:-1]
+                out += tail
+                return bytes(out)
+            j = m.start()
+            out += buf[i:j]
+            if buf[j] == 0x1B:
+                if j + 1 >= len(buf):
+                    self._held = buf[j:]
+                    return bytes(out)
+                if buf[j + 1] not in b"]PX^_":
+                    # Not a string: pass the ESC, then look at what follows again
+                    # (it may start one itself: ESC ESC ] 52 ...).
+                    out += b"\x1b"
+                    i = j + 1
+                    continue
+                kind = buf[j + 1 : j + 2]
+            else:
+                kind = C1_STRINGS[buf[j + 1]]
+            end, size = _string_end(buf, j + 2)
+            if end < 0:
+                if len(buf) - j > MAX_STRING:
+                    self._discarding = True
+                    self._held = buf[-1:] if buf[-1:] in (b"\x1b", b"\xc2") else b""
+                else:
+                    self._held = buf[j:]
+                return bytes(out)
+            body = buf[j + 2 : end]
+            if kind == b"]" and body[:2] in TITLE_OSC and not TITLE_UNSAFE.search(body):
+                out += b"\x1b]" + body + b"\x07"
+            i = end + size
+
+
+def _string_end(buf: bytes, start: int) -> tuple[int, int]:
+    """Where the string from ``start`` ends and its terminator's length; (-1, 0) if not yet.
+
+    BEL, ST (ESC \\ or C1), CAN and SUB end it; so does an ESC starting
+    something else (length 0: it is looked at again), as in xterm.
+    """
+    m = STRING_END.search(buf, start)
+    if m is None:
+        return -1, 0
+    k = m.start()
+    if buf[k] != 0x1B:
+        return k, m.end() - k
+    if k + 1 >= len(buf):
+        return -1, 0
+    return (k, 2) if buf[k + 1] == 0x5C else (k, 0)
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -146,7 +303,9 @@ def attach_console(path: str, stdin: int, stdout: int) -> int:
     """Relay a terminal (raw mode) or a pipe to the debug console; the shell's exit status.
 
     Piped input ends with an ``exit``, so ``echo 'uname -r' | kata-py exec POD`` runs and
-    returns the status of the last command.
+    returns the status of the last command. The guest is not trusted: its status
+    is checked (``ExitMarker``), what it prints to a terminal filtered
+    (``TerminalFilter``), and nothing it sends is buffered beyond a marker's length.
     """
     import selectors
     import socket
@@ -168,9 +327,23 @@ def attach_console(path: str, stdin: int, stdout: int) -> int:
         sel = selectors.DefaultSelector()
         sel.register(sock, selectors.EVENT_READ)
         sel.register(stdin, selectors.EVENT_READ)
-        pending = b""  # output held back while it may be the start of the exit marker
+        marker = ExitMarker(SHELL_EXITED_PREFIX, SHELL_EXITED_END)
+        screen = TerminalFilter() if os.isatty(stdout) else None
+
+        def show(data: bytes) -> None:
+            data = screen.feed(data) if screen is not None else data
+            view = memoryview(data)
+            while view:
+                view = view[os.write(stdout, view) :]
+
         while True:
-            for key, _ in sel.select():
+            # Once a marker came, it ends the session if nothing follows it soon
+            # (a key typed meanwhile starts the guest's next shell, whose prompt
+            # then cancels the marker: the admin lands in that shell).
+            events = sel.select(MARKER_QUIET if marker.status is not None else None)
+            if not events and marker.status is not None:
+                return marker.status
+            for key, _ in events:
                 if key.fileobj is stdin:
                     data = os.read(stdin, 4096)
                     if interactive and DETACH_KEY in data:
@@ -178,28 +351,24 @@ def attach_console(path: str, stdin: int, stdout: int) -> int:
                     if not data:
                         sel.unregister(stdin)
                         data = END_OF_INPUT
-                    sock.sendall(data)
+                    try:
+                        sock.sendall(data)
+                    except (BrokenPipeError, ConnectionResetError):
+                        # The port is gone: what it sent last is still to be read.
+                        with contextlib.suppress(KeyError):
+                            sel.unregister(stdin)
                     continue
-                data = sock.recv(65536)
+                try:
+                    data = sock.recv(65536)
+                except ConnectionResetError:
+                    data = b""
                 if not data:
-                    os.write(stdout, pending)
+                    if marker.status is not None:
+                        return marker.status
+                    show(marker.flush())
                     print("kata-py: the VM closed the console", file=sys.stderr)
                     return 255
-                pending += data
-                start = pending.find(SHELL_EXITED_PREFIX)
-                end = pending.find(SHELL_EXITED_END, start) if start >= 0 else -1
-                if end >= 0:
-                    os.write(stdout, pending[:start])
-                    status = pending[start + len(SHELL_EXITED_PREFIX) : end]
-                    return int(status) if status.isdigit() and len(status) < 4 else 255
-                keep = 0 if start < 0 else len(pending) - start
-                if start < 0:  # a marker may be cut anywhere: hold back a possible start
-                    for n in range(min(len(SHELL_EXITED_PREFIX) - 1, len(pending)), 0, -1):
-                        if SHELL_EXITED_PREFIX.startswith(pending[-n:]):
-                            keep = n
-                            break
-                os.write(stdout, pending[: len(pending) - keep])
-                pending = pending[len(pending) - keep :]
+                show(marker.feed(data))
     finally:
         sock.close()
         if saved is not None:

@@ -6,18 +6,21 @@ import pty
 import re
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import termios
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from shimv2 import cli
+from shimv2.guest.debug_console import SHELL_EXITED_END, SHELL_EXITED_PREFIX, shell_exited
 from shimv2.vc.qemu import default_guest_dir
+from shimv2.vc.testing import FakeDebugConsole
 from tests.leaks import vm_processes
 
 GUEST_KERNEL = (default_guest_dir() / "kver").read_text().strip()
@@ -209,3 +212,154 @@ def test_exec_without_a_debug_console_says_how_to_get_one(
     (tmp_path / "state" / "sbs" / "pod1" / "state.json").write_text("{}")
     assert cli.main(["--config", str(config), "exec", "pod1"]) == 2
     assert "debug_console_enabled = true" in capsys.readouterr().err
+
+
+# -- the console relay against a hostile guest (a fake console port; no VM) --------
+
+
+def _console(
+    tmp_path: Path, session: Callable[[socket.socket], None], *, tty_out: bool = False
+) -> tuple[int, bytes]:
+    """Run ``attach_console`` with piped input (at EOF) against ``session``; (status, output)."""
+    path = str(tmp_path / "console.sock")
+    stdin_r, stdin_w = os.pipe()
+    os.close(stdin_w)
+    if tty_out:
+        reader, out_fd = pty.openpty()
+        attrs = termios.tcgetattr(out_fd)
+        attrs[1] &= ~termios.OPOST  # bytes as written: no \n -> \r\n
+        termios.tcsetattr(out_fd, termios.TCSANOW, attrs)
+    else:
+        out_fd = os.open(tmp_path / "out", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with FakeDebugConsole(path, session) as console:
+            status = cli.attach_console(path, stdin_r, out_fd)
+        assert console.error is None, console.error
+        if tty_out:
+            out = b""
+            while select.select([reader], [], [], 0.2)[0]:
+                out += os.read(reader, 65536)
+            os.close(reader)
+        else:
+            out = (tmp_path / "out").read_bytes()
+    finally:
+        os.close(stdin_r)
+        os.close(out_fd)
+    return status, out
+
+
+def _greeted(sock: socket.socket) -> None:
+    assert sock.recv(1) == b"\n"  # the host speaks first
+
+
+def test_exec_output_flows_while_a_marker_never_ends(tmp_path: Path) -> None:
+    seen = 0
+
+    def session(sock: socket.socket) -> None:
+        nonlocal seen
+        _greeted(sock)
+        sock.sendall(SHELL_EXITED_PREFIX + b"x" * 100_000)  # no terminator, ever
+        deadline = time.monotonic() + 5
+        while seen < 100_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen = (tmp_path / "out").stat().st_size
+        sock.sendall(shell_exited(0))
+
+    status, out = _console(tmp_path, session)
+    assert seen >= 100_000  # shown as it came: nothing held back but a marker's length
+    assert status == 0
+    assert out.endswith(b"x" * 100_000)
+
+
+def test_exec_a_marker_followed_by_output_is_forged(tmp_path: Path) -> None:
+    def session(sock: socket.socket) -> None:
+        _greeted(sock)
+        # e.g. the admin cats a file a container wrote: the shell's prompt follows
+        sock.sendall(b"hello\r\n" + shell_exited(0) + b"/ # ")
+        time.sleep(0.05)
+        sock.sendall(shell_exited(0))
+        time.sleep(0.05)
+        sock.sendall(b"/ # exit\r\n")
+        time.sleep(0.2)
+        sock.sendall(shell_exited(3))  # the agent's: nothing after it
+
+    status, out = _console(tmp_path, session)
+    assert status == 3
+    assert out.startswith(b"hello\r\n")
+    assert out.endswith(b"/ # exit\r\n")
+
+
+def test_exec_a_status_that_is_no_status_is_not_a_marker(tmp_path: Path) -> None:
+    def session(sock: socket.socket) -> None:
+        _greeted(sock)
+        for fake in (b"999", b"-1", b"", b"1e3", b"\xd9\xa3"):
+            sock.sendall(SHELL_EXITED_PREFIX + fake + SHELL_EXITED_END)
+            time.sleep(0.05)
+        sock.sendall(b"done\r\n")
+        time.sleep(0.05)
+        sock.sendall(shell_exited(5))
+
+    status, out = _console(tmp_path, session)
+    assert status == 5
+    assert out.endswith(b"done\r\n")
+
+
+def test_exec_keeps_dangerous_escapes_from_the_terminal(tmp_path: Path) -> None:
+    clipboard = b"\x1b]52;c;ZWNobyBwd25lZA==\x07"  # OSC 52: set the admin's clipboard
+
+    def session(sock: socket.socket) -> None:
+        _greeted(sock)
+        sock.sendall(b"\x1b[1mbold\x1b[0m " + clipboard)
+        sock.sendall(b"\x1bPtmux;\x1b" + clipboard + b"\x1b\\")  # through tmux
+        sock.sendall(b"\xc2\x9d52;c;ZWNobyBwd25lZA==\x07 \x1b]0;title\x07 ok")
+        time.sleep(0.05)
+        sock.sendall(shell_exited(0))
+
+    status, out = _console(tmp_path, session, tty_out=True)
+    assert status == 0
+    assert b"52;" not in out
+    assert b"\x1b[1mbold\x1b[0m " in out  # colours and cursor moves still work
+    assert b"\x1b]0;title\x07" in out  # and window titles
+    assert out.endswith(b" ok")
+
+
+def _filtered(*chunks: bytes) -> bytes:
+    screen = cli.TerminalFilter()
+    return b"".join(screen.feed(c) for c in chunks)
+
+
+def test_terminal_filter_sequences_cut_anywhere() -> None:
+    stream = b"a\x1b[31mred\x1b[0m\x1b]52;c;eA==\x07\x1b]2;t\x1b\\\xe2\x9d\x9d\x1bPq#0\x1b\\z"
+    expected = b"a\x1b[31mred\x1b[0m\x1b]2;t\x07\xe2\x9d\x9dz"  # UTF-8 with 0x9d stays text
+    assert _filtered(stream) == expected
+    for cut in range(1, len(stream)):
+        assert _filtered(stream[:cut], stream[cut:]) == expected, cut
+    assert _filtered(*(bytes([b]) for b in stream)) == expected
+
+
+def test_terminal_filter_is_bounded() -> None:
+    screen = cli.TerminalFilter()
+    out = screen.feed(b"x\x1b]52;c;")
+    for _ in range(100):
+        out += screen.feed(b"A" * 65536)  # never terminated
+        assert len(screen._held) <= cli.MAX_STRING + 1
+    out += screen.feed(b"\x07after")
+    assert out == b"xafter"
+    # ESC ESC ] 52: the second ESC starts the string, the first alone is harmless
+    assert b"52" not in _filtered(b"\x1b\x1b]52;c;eA==\x07")
+
+
+def test_exit_marker_holds_back_a_marker_length_at_most() -> None:
+    marker = cli.ExitMarker(SHELL_EXITED_PREFIX, SHELL_EXITED_END)
+    shown = marker.feed(SHELL_EXITED_PREFIX[:5])
+    assert shown == b""
+    shown += marker.feed(SHELL_EXITED_PREFIX[5:] + b"12")
+    assert shown == b""
+    assert marker.status is None
+    shown += marker.feed(b"34" + b"y" * 1000)
+    assert shown == SHELL_EXITED_PREFIX + b"1234" + b"y" * 1000
+    assert len(marker.pending) < len(SHELL_EXITED_PREFIX)
+    assert marker.feed(shell_exited(42)) == b""
+    assert marker.status == 42
+    assert marker.feed(b"!") == shell_exited(42) + b"!"
+    assert marker.status is None

@@ -232,7 +232,7 @@ async def serve_listener(
         task_status.started()
         while True:
             try:
-                conn, _ = listener.accept()
+                conn, peer = listener.accept()
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(listener)
                 continue
@@ -242,7 +242,20 @@ async def serve_listener(
                 log.warning("agent channel: accept failed: %s", exc)
                 await trio.sleep(0.1)
                 continue
+            if not host_peer(listener.family, peer):
+                # vsock loopback lets processes in this VM (a container) dial
+                # us too: only the host may drive the agent.
+                log.warning("agent channel: refused a connection from %s", peer)
+                conn.close()
+                continue
             nursery.start_soon(server.serve_transport, SocketTransport(conn))
+
+
+def host_peer(family: int, peer: object) -> bool:
+    """A vsock peer must be the host (CID 2); other families are the tests' unix sockets."""
+    if family != getattr(socket, "AF_VSOCK", -1):
+        return True
+    return isinstance(peer, tuple) and len(peer) == 2 and peer[0] == socket.VMADDR_CID_HOST
 
 
 async def wait_for_serial_port(

@@ -29,7 +29,7 @@ from shimv2.shim.metrics import monitor_socket
 from shimv2.vc.api import VirtContainers
 from shimv2.vc.config import Config
 from shimv2.vc.ids import sandbox_id
-from shimv2.vc.storage import is_mountpoint, unmount_all
+from shimv2.vc.storage import remove_container_dir, unmount_all
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,10 @@ async def _forget_container(vc: VirtContainers, sid: str, cid: str) -> bool:
             points = list(container.mounts)
             if container.rootfs and container.rootfs not in points:
                 points.append(container.rootfs)
-            failed = await unmount_all(points)
+            top = store.sandbox_dir(sid)
+            failed = await trio.to_thread.run_sync(unmount_all, top, points)
+            if not failed:
+                await trio.to_thread.run_sync(remove_container_dir, top, cid)
             if failed:
                 log.error("delete %s: still mounted: %s", cid, ", ".join(failed))
             store.save(state)
@@ -124,10 +127,8 @@ async def clean(flags: Flags, bundle: str, config: Config | None = None) -> None
         for path in _monitor_sockets(state_dir, sid, cid) if state_dir else []:
             _remove_dead_socket(path)
         rootfs = os.path.join(bundle, "rootfs")
-        if os.path.isdir(rootfs) and is_mountpoint(rootfs):
-            failed = await unmount_all([rootfs])
-            if failed:
-                log.error("delete %s: could not unmount %s", cid, rootfs)
+        if await trio.to_thread.run_sync(unmount_all, bundle, [rootfs]):
+            log.error("delete %s: could not unmount %s", cid, rootfs)
 
 
 def delete(flags: Flags, config: Config | None = None) -> bytes:

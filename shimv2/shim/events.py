@@ -10,6 +10,12 @@ queue, a failed event is retried in place, so a retry never reorders events
 (``TaskExit`` before ``TaskStart`` confuses containerd). Up to ``max_retries``
 retries (5, as containerd), a short exponential backoff between them, and a new
 connection whenever the old one broke; then the event is dropped and logged.
+
+When the queue is full an event is dropped: the first drop of a burst is
+logged at once, the rest are counted and reported in one line when the queue
+takes events again (or at close). Events the guest can raise at will (OOM
+kills) may only fill part of the queue, so a flood of them leaves room for
+the lifecycle events (``TaskExit``) containerd cannot do without.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ FORWARD_TIMEOUT = 5.0
 MAX_RETRIES = 5
 BACKOFF = 0.05
 MAX_BACKOFF = 1.0
+# Topics the guest can trigger at will, and the share of the queue they may use.
+BEST_EFFORT_TOPICS = frozenset({"/tasks/oom"})
+BEST_EFFORT_SHARE = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +79,8 @@ class Publisher:
         self._max_retries = max_retries
         self._backoff = backoff
         self._send, self._receive = trio.open_memory_channel[_Item](queue_size)
+        self._best_effort_room = max(1, int(queue_size * BEST_EFFORT_SHARE))
+        self._unreported = 0  # drops since the queue last took an event
         self._closed = False
         self._client: Client | None = None
         self._done = trio.Event()
@@ -77,18 +88,37 @@ class Publisher:
         self.dropped = 0
 
     def publish(self, topic: str, event: Message) -> None:
-        """Enqueue ``event``; never blocks. A full queue drops it (logged).
+        """Enqueue ``event``; never blocks. A full queue drops it (counted, logged).
 
         Errors: ``FailedPrecondition`` once ``aclose`` was called.
         """
         if self._closed:
             raise FailedPrecondition(f"publisher closed: cannot publish {topic}")
+        used = self._send.statistics().current_buffer_used
+        if topic in BEST_EFFORT_TOPICS and used >= self._best_effort_room:
+            self._drop(topic, event)
+            return
         item = _Item(topic, ForwardRequest(envelope=envelope(self._namespace, topic, event)))
         try:
             self._send.send_nowait(item)
         except trio.WouldBlock:
-            self.dropped += 1
-            log.error("event queue full: dropping %s %s", topic, event.DESCRIPTOR.full_name)
+            self._drop(topic, event)
+            return
+        self._report_drops()
+
+    def _drop(self, topic: str, event: Message) -> None:
+        self.dropped += 1
+        if not self._unreported:
+            log.error(
+                "event queue full: dropping %s %s (further drops are counted)",
+                topic, event.DESCRIPTOR.full_name,
+            )  # fmt: skip
+        self._unreported += 1
+
+    def _report_drops(self) -> None:
+        if self._unreported > 1:
+            log.error("event queue was full: dropped %d event(s)", self._unreported)
+        self._unreported = 0
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Send queued events in order until ``aclose`` (or cancellation)."""
@@ -110,6 +140,7 @@ class Publisher:
     async def aclose(self, timeout: float = 5.0) -> None:
         """Refuse new events, send what is queued within ``timeout``, then stop."""
         self._closed = True
+        self._report_drops()
         await self._send.aclose()
         if self._cancel is None:
             return  # never ran

@@ -53,7 +53,7 @@ from shimv2.task_service.process import Process, State, Verb
 from shimv2.task_service.stats import host_is_cgroup_v2, metrics_any
 from shimv2.task_service.stdio import AgentStreams, ProcessIO, StdioConfig
 from shimv2.ttrpc import CallContext, Method, Service
-from shimv2.vc.container import ContainerConfig, ContainerStatus
+from shimv2.vc.container import ContainerConfig, ContainerStatus, guest_pids
 from shimv2.vc.ids import check_id, container_id
 from shimv2.vc.sandbox import SandboxConfig, SandboxStatus
 from shimv2.vc.storage import RootfsMount
@@ -87,6 +87,7 @@ class ContainerHandle(AgentStreams, Protocol):
     async def enter(self, exec_id: str, process: Mapping[str, Any]) -> None: ...
     async def signal_process(self, exec_id: str, signal: int) -> None: ...
     async def resize(self, exec_id: str, rows: int, columns: int) -> None: ...
+    def delete_exec(self, exec_id: str) -> None: ...
 
 
 class SandboxHandle(Protocol):
@@ -167,6 +168,14 @@ def network_namespace(spec: Mapping[str, Any]) -> str:
         if ns.get("type") == "network":
             return str(ns.get("path") or "")
     return ""
+
+
+def cgroups_path(spec: Mapping[str, Any]) -> str:
+    """``linux.cgroupsPath``: the pod's cgroup for the sandbox (checked in ``shimv2.vc``)."""
+    value = (spec.get("linux") or {}).get("cgroupsPath") or ""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"linux.cgroupsPath is not a string: {value!r}"[:120])
+    return value
 
 
 def _json_any(value: bytes, what: str) -> dict[str, Any]:
@@ -297,6 +306,7 @@ class TaskService:
                         netns=network_namespace(spec),
                         annotations=annotations,
                         containers=(config,),
+                        cgroups_path=cgroups_path(spec),
                     )
                 )
                 (await self._vc.fetch_sandbox(sid)).on_oom = self._publish_oom
@@ -426,9 +436,18 @@ class TaskService:
                 task.execs.pop(proc.exec_id, None)
                 task.exec_specs.pop(proc.exec_id, None)
                 proc.exited.set()  # a Wait on an exec deleted before it started
+                if proc.started:
+                    await self._forget_exec(task, proc.exec_id)
         return shim_v2.DeleteResponse(
             pid=proc.pid, exit_status=proc.exit_status, exited_at=_timestamp(proc.exited_at)
         )
+
+    async def _forget_exec(self, task: Task, exec_id: str) -> None:
+        """vc forgets a deleted exec too: memory stays bounded, and the id can be reused."""
+        try:
+            (await self._container(task)).delete_exec(exec_id)
+        except (NotFound, FailedPrecondition) as exc:  # its container or VM went first
+            log.warning("task %s: exec %s: %s", task.id, exec_id, exc)
 
     async def _delete_init(self, task: Task) -> None:
         proc = task.init
@@ -495,11 +514,7 @@ class TaskService:
             raw = await self._vc.process_list_container(task.sandbox_id, task.id, "json")
         except Unimplemented:
             return shim_v2.PidsResponse(processes=[task_pb2.ProcessInfo(pid=task.init.pid)])
-        try:
-            pids = json.loads(raw or b"[]")
-            infos = [task_pb2.ProcessInfo(pid=int(p)) for p in pids]
-        except (ValueError, TypeError) as exc:
-            raise Unavailable(f"task {task.id}: unreadable process list: {exc}") from exc
+        infos = [task_pb2.ProcessInfo(pid=pid) for pid in guest_pids(raw, task.id)]
         return shim_v2.PidsResponse(processes=infos)
 
     async def Pause(self, ctx: CallContext, req: shim_v2.PauseRequest) -> Empty:

@@ -4,6 +4,12 @@ Which one follows the host's cgroup mode, as Kata's ``metrics.go`` does: CRI
 decodes the ``Any`` by its exact type URL, so it must be
 ``io.containerd.cgroups.v1.Metrics`` or ``io.containerd.cgroups.v2.Metrics``,
 with no ``type.googleapis.com/`` prefix.
+
+The stats are the guest's word and go to containerd as they are converted,
+so ``check_stats`` refuses what no real guest has: more CPUs, interfaces,
+block I/O entries or huge page sizes than a VM of ours can have, and names
+longer than any the kernel makes. Numbers need no check: every counter is a
+uint64 on both sides.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from collections.abc import Iterable
 
 from google.protobuf.any_pb2 import Any
 
+from shimv2.errdefs import Internal
 from shimv2.pb.cgroups.v1 import metrics_pb2 as v1
 from shimv2.pb.cgroups.v2 import metrics_pb2 as v2
 from shimv2.pb.kata import agent_pb2
@@ -20,6 +27,11 @@ from shimv2.pb.kata import agent_pb2
 V1_TYPE_URL = "io.containerd.cgroups.v1.Metrics"
 V2_TYPE_URL = "io.containerd.cgroups.v2.Metrics"
 UNIFIED_MARKER = "/sys/fs/cgroup/cgroup.controllers"
+MAX_CPUS = 1024
+MAX_INTERFACES = 256
+MAX_BLKIO_ENTRIES = 4096  # in each of the blkio lists
+MAX_HUGEPAGE_SIZES = 16
+MAX_NAME = 64  # interface names, blkio operations, huge page sizes
 
 
 def host_is_cgroup_v2(marker: str = UNIFIED_MARKER) -> bool:
@@ -27,7 +39,35 @@ def host_is_cgroup_v2(marker: str = UNIFIED_MARKER) -> bool:
     return os.path.exists(marker)
 
 
+def check_stats(stats: agent_pb2.StatsContainerResponse) -> None:
+    """Errors: ``Internal`` when the guest's stats hold more than a real guest's."""
+
+    def refuse(what: str) -> Internal:
+        return Internal(f"stats from the guest refused: {what}")
+
+    if len(stats.network_stats) > MAX_INTERFACES:
+        raise refuse(f"{len(stats.network_stats)} interfaces (at most {MAX_INTERFACES})")
+    if any(len(n.name) > MAX_NAME for n in stats.network_stats):
+        raise refuse(f"an interface name longer than {MAX_NAME}")
+    cg = stats.cgroup_stats
+    if len(cg.cpu_stats.cpu_usage.percpu_usage) > MAX_CPUS:
+        raise refuse(f"{len(cg.cpu_stats.cpu_usage.percpu_usage)} CPUs (at most {MAX_CPUS})")
+    if len(cg.hugetlb_stats) > MAX_HUGEPAGE_SIZES:
+        raise refuse(f"{len(cg.hugetlb_stats)} huge page sizes (at most {MAX_HUGEPAGE_SIZES})")
+    if any(len(size) > MAX_NAME for size in cg.hugetlb_stats):
+        raise refuse(f"a huge page size longer than {MAX_NAME}")
+    blk = cg.blkio_stats
+    for field in blk.DESCRIPTOR.fields:
+        entries = getattr(blk, field.name)
+        if len(entries) > MAX_BLKIO_ENTRIES:
+            raise refuse(f"{len(entries)} {field.name} (at most {MAX_BLKIO_ENTRIES})")
+        if any(len(e.op) > MAX_NAME for e in entries):
+            raise refuse(f"a {field.name} operation longer than {MAX_NAME}")
+
+
 def metrics_any(stats: agent_pb2.StatsContainerResponse, *, cgroup_v2: bool) -> Any:
+    """The guest's stats as containerd's Metrics. Errors: ``Internal`` (``check_stats``)."""
+    check_stats(stats)
     metrics: v1.Metrics | v2.Metrics
     if cgroup_v2:
         metrics, url = metrics_v2(stats), V2_TYPE_URL

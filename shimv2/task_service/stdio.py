@@ -30,6 +30,7 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -139,11 +140,18 @@ def open_fifo_reader(path: str) -> int:
 def open_append_file(path: str) -> FileSink:
     if not os.path.isabs(path):
         raise InvalidArgument(f"file:// stdio path must be absolute: {path!r}")
+    # O_NOFOLLOW: a symlink planted at the log path must not redirect our writes
+    # (ELOOP). O_NONBLOCK: a FIFO there must not hang the open; refused below.
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
     try:
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, flags, 0o600)
     except OSError as exc:
         raise FailedPrecondition(f"cannot open stdio file {path}: {exc.strerror}") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FailedPrecondition(f"stdio file {path} is not a regular file")
+    os.set_blocking(fd, True)
     return FileSink(fd)
 
 
@@ -344,7 +352,10 @@ class ProcessIO:
                 try:
                     data = await read(exec_id, CHUNK)
                 except Error as exc:
-                    log.warning("exec %r: output read failed, taking it as EOF: %s", exec_id, exc)
+                    # The error's text may be the guest's, a ttrpc frame long.
+                    log.warning(
+                        "exec %r: output read failed, taking it as EOF: %.300s", exec_id, exc
+                    )
                     return
                 if not data:
                     return
@@ -386,7 +397,7 @@ class ProcessIO:
                 if close_agent:
                     await streams.close_stdin(exec_id)
         except Error as exc:
-            log.warning("exec %r: stdin copy ended: %s", exec_id, exc)
+            log.warning("exec %r: stdin copy ended: %.300s", exec_id, exc)
         finally:
             self._close_stdin_fd()
             self._stdin_done.set()

@@ -219,6 +219,12 @@ class FakeContainer:
         await trio.lowlevel.checkpoint()
         self.resizes.append((exec_id, rows, columns))
 
+    def delete_exec(self, exec_id: str) -> None:
+        p = self.execs.get(exec_id)
+        if p is not None and not p.exited.is_set():
+            raise FailedPrecondition(f"exec {exec_id} is still running")
+        self.execs.pop(exec_id, None)
+
 
 class FakeSandbox:
     def __init__(self, config: SandboxConfig) -> None:
@@ -244,6 +250,7 @@ class FakeVirtContainers:
         self.calls: list[tuple[Any, ...]] = []
         self.stats_response = agent_pb2.StatsContainerResponse()
         self.pids: list[int] = [1, 7]
+        self.process_list: bytes | None = None  # what the guest answers, if not ``pids``
 
     def program(self, cid: str, exec_id: str = "") -> Program:
         """What ``cid``'s init (or exec) runs; default: until signalled."""
@@ -358,6 +365,8 @@ class FakeVirtContainers:
     async def process_list_container(self, sid: str, cid: str, fmt: str = "json") -> bytes:
         await self._verb("process_list_container", sid, cid, fmt)
         self.container(sid, cid)
+        if self.process_list is not None:
+            return self.process_list
         return json.dumps(self.pids).encode()
 
     async def update_container(self, sid: str, cid: str, resources: Mapping[str, Any]) -> None:

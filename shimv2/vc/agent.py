@@ -2,6 +2,11 @@
 
 A handful of methods, not one per rpc: ``call`` takes the rpc name and its
 request, so the sandbox code names rpcs exactly as Kata's protocol does.
+
+The guest is hostile. ttrpc bounds a reply (4 MiB) and turns one that does
+not decode into ``Internal``; here an error's text, which is the guest's and
+ends up in logs and in replies to containerd, is cut to ``MAX_ERROR_TEXT``.
+What a reply holds is checked where it is used (``container.py``, ``stats.py``).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from typing import TypeVar
 import trio
 from google.protobuf.message import Message
 
-from shimv2.errdefs import DeadlineExceeded, Unavailable
+from shimv2.errdefs import DeadlineExceeded, Error, Unavailable
 from shimv2.pb.kata import health_pb2
 from shimv2.ttrpc import Client, open_client, open_unix_stream
 from shimv2.vc.hypervisor import AgentEndpoint
@@ -24,6 +29,7 @@ HEALTH_SERVICE = "grpc.Health"
 DEFAULT_TIMEOUT = 60.0
 # Kata gives these no deadline: they block until something happens in the guest.
 UNBOUNDED = frozenset({"WaitProcess", "GetOOMEvent", "ReadStdout", "ReadStderr"})
+MAX_ERROR_TEXT = 1024
 
 T = TypeVar("T", bound=Message)
 
@@ -36,7 +42,15 @@ class AgentClient:
     async def call(self, rpc: str, request: Message, response_type: type[T]) -> T:
         """Call ``grpc.AgentService/<rpc>``; errors come back as errdefs classes."""
         timeout = None if rpc in UNBOUNDED else self._timeout
-        return await self._client.call(AGENT_SERVICE, rpc, request, response_type, timeout=timeout)
+        try:
+            return await self._client.call(
+                AGENT_SERVICE, rpc, request, response_type, timeout=timeout
+            )
+        except Error as exc:
+            if len(exc.message) <= MAX_ERROR_TEXT:
+                raise
+            cut = f"{exc.message[:MAX_ERROR_TEXT]}... ({len(exc.message)} characters)"
+            raise type(exc)(cut) from None  # the same code; the long text is dropped
 
     async def check(self, timeout: float) -> bool:
         response = await self._client.call(

@@ -18,6 +18,7 @@ from google.protobuf.empty_pb2 import Empty
 
 from shimv2.errdefs import FailedPrecondition, NotFound, ResourceExhausted
 from shimv2.pb.kata import agent_pb2, types_pb2
+from shimv2.vc.cgroups import HostCgroups
 from shimv2.vc.config import Config, load_config
 from shimv2.vc.container import ContainerConfig, ContainerStatus
 from shimv2.vc.factory import DirectFactory, Factory
@@ -45,6 +46,7 @@ class VirtContainers:
         store: Store | None = None,
         factory: Factory | None = None,
         tracer: Tracer | None = None,
+        cgroups: HostCgroups | None = None,
     ) -> None:
         self.config = config or load_config()
         self.store = store or Store(self.config.runtime.state_dir)
@@ -52,6 +54,7 @@ class VirtContainers:
         self.tracer = tracer or default_tracer()
         self._nursery = nursery
         self._live: dict[str, Sandbox] = {}
+        self.cgroups = cgroups or HostCgroups()
 
     @contextlib.asynccontextmanager
     async def _verb(self, name: str, **ids: str) -> AsyncIterator[None]:
@@ -69,9 +72,9 @@ class VirtContainers:
         """Create the VM, the sandbox in it and its containers; roll back on failure."""
         async with self._verb("CreateSandbox", sandbox=config.id):
             sid = sandbox_id(config.id)
+            state = sandbox_state_for(config)  # its cgroup path checked before any mkdir
             self.store.create(sid)
-            state = sandbox_state_for(config)
-            sandbox = Sandbox(self.store, self.config, state, self._nursery)
+            sandbox = Sandbox(self.store, self.config, state, self._nursery, cgroups=self.cgroups)
             async with contextlib.AsyncExitStack() as undo:
                 undo.push_async_callback(self._forget, sandbox)
                 self.store.save(state)
@@ -144,7 +147,7 @@ class VirtContainers:
                 return live
             async with self.store.locked(sid, exclusive=False):
                 state = self.store.load(sid)
-            sandbox = Sandbox(self.store, self.config, state, self._nursery)
+            sandbox = Sandbox(self.store, self.config, state, self._nursery, cgroups=self.cgroups)
             if state.state not in ("stopped", "creating") and state.qemu_pid:
                 await self._reattach(sandbox)
             self._live[sid] = sandbox
@@ -162,6 +165,8 @@ class VirtContainers:
                 state.virtiofsd_pid,
                 state.vsock_cid,
                 self._nursery,
+                start_time=state.qemu_start_time,
+                virtiofsd_start_time=state.virtiofsd_start_time,
             )
         except (OSError, trio.TooSlowError) as exc:
             log.warning("sandbox %s: VM is gone (%s)", state.id, exc)
@@ -234,7 +239,7 @@ class VirtContainers:
                 return
             state = self.store.load(sid)
             await kill_recorded(state)
-            sandbox = Sandbox(self.store, self.config, state, self._nursery)
+            sandbox = Sandbox(self.store, self.config, state, self._nursery, cgroups=self.cgroups)
             await sandbox.release_network()
             sandbox.vm_gone = True
             sandbox.state.state = "stopped"

@@ -4,6 +4,10 @@ Each container has its own lock, held for state changes only, never across a
 blocking agent call such as WaitProcess. Exits are observed by one task per
 process (WaitProcess), which updates the state so that StatusContainer sees a
 process that died.
+
+The guest is hostile: what its agent answers (exit statuses, byte counts,
+process lists) is checked before the host uses it, and an answer out of
+range is an ``Internal`` error or, for an exit status, the VM-gone status.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 from google.protobuf.empty_pb2 import Empty
 
-from shimv2.errdefs import AlreadyExists, Error, FailedPrecondition, NotFound
+from shimv2.errdefs import AlreadyExists, Error, FailedPrecondition, Internal, NotFound
 from shimv2.guest.oci import message_from_json, spec_from_json
 from shimv2.pb.kata import agent_pb2, oci_pb2
 from shimv2.vc.ids import check_id, container_id
@@ -33,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # Exit status reported when the VM (and so every process in it) is gone.
 VM_GONE_STATUS = 255
+PID_MAX = 1 << 22  # the kernel's PID_MAX_LIMIT: no pid is larger
+MAX_PIDS = 65536  # in one container's process list
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,12 +137,11 @@ class Container:
             reply = await self.sandbox.agent.call(
                 "WaitProcess", request, agent_pb2.WaitProcessResponse
             )
-            status = reply.status
         except Error as exc:
-            log.warning("container %s: wait failed: %s", self.id, exc)
+            log.warning("container %s: wait failed: %s", self.id, _short(exc))
             self.vm_lost()
             return
-        self.mark_exited(status)
+        self.mark_exited(guest_status(reply.status, f"container {self.id}"))
 
     def vm_lost(self) -> None:
         """The VM (or the way to it) is gone: every process ends with 255."""
@@ -228,24 +233,39 @@ class Container:
         except BaseException:
             del self.execs[exec_id]
             raise
-        self.sandbox.spawn(self._watch_exec, exec_id)
+        self.sandbox.spawn(self._watch_exec, exec_id, self.execs[exec_id])
 
-    async def _watch_exec(self, exec_id: str) -> None:
+    async def _watch_exec(self, exec_id: str, ex: ProcessExit) -> None:
+        # ``ex``, not ``execs[exec_id]``: once deleted, the id may name a new exec.
         request = agent_pb2.WaitProcessRequest(container_id=self.id, exec_id=exec_id)
         try:
             reply = await self.sandbox.agent.call(
                 "WaitProcess", request, agent_pb2.WaitProcessResponse
             )
-            status = reply.status
-        except Error:
+            status = guest_status(reply.status, f"exec {exec_id} of container {self.id}")
+        except Error as exc:
+            log.warning("exec %s of container %s: wait failed: %s", exec_id, self.id, _short(exc))
             status = VM_GONE_STATUS
-        self.execs[exec_id].set(status)
+        ex.set(status)
 
     async def wait_exec(self, exec_id: str) -> int:
         ex = self.execs.get(exec_id)
         if ex is None:
             raise NotFound(f"exec {exec_id} not found in container {self.id}")
         return await ex.wait()
+
+    def delete_exec(self, exec_id: str) -> None:
+        """Forget an exec that ended (the Task API's Delete of an exec): its id is free again.
+
+        An id the guest never ran is nothing to forget. Errors:
+        ``FailedPrecondition`` while the exec runs.
+        """
+        ex = self.execs.get(exec_id)
+        if ex is None:
+            return
+        if not ex.event.is_set():
+            raise FailedPrecondition(f"exec {exec_id} of container {self.id} is still running")
+        del self.execs[exec_id]
 
     async def signal_process(self, exec_id: str, signal: int) -> None:
         """Signal one process: ``exec_id`` "" is the init."""
@@ -268,11 +288,21 @@ class Container:
     async def _read(self, rpc: str, exec_id: str, max_bytes: int) -> bytes:
         request = agent_pb2.ReadStreamRequest(container_id=self.id, exec_id=exec_id, len=max_bytes)
         reply = await self.sandbox.agent.call(rpc, request, agent_pb2.ReadStreamResponse)
+        if len(reply.data) > max_bytes:
+            raise Internal(
+                f"container {self.id}: {rpc} of {exec_id!r} returned {len(reply.data)} bytes, "
+                f"asked for at most {max_bytes}"
+            )
         return reply.data
 
     async def write_stdin(self, exec_id: str, data: bytes) -> int:
         request = agent_pb2.WriteStreamRequest(container_id=self.id, exec_id=exec_id, data=data)
         reply = await self.sandbox.agent.call("WriteStdin", request, agent_pb2.WriteStreamResponse)
+        if reply.len > len(data):
+            raise Internal(
+                f"container {self.id}: the guest wrote {reply.len} bytes of {len(data)} "
+                f"to the stdin of {exec_id!r}"
+            )
         return reply.len
 
     async def close_stdin(self, exec_id: str) -> None:
@@ -294,8 +324,7 @@ class Container:
         return reply.process_list
 
     async def process_list_pids(self) -> list[int]:
-        pids = json.loads(await self.process_list("json") or b"[]")
-        return [int(p) for p in pids]
+        return guest_pids(await self.process_list("json"), self.id)
 
     async def update(self, resources: Mapping[str, Any]) -> None:
         self._require("created", "running", "paused", verb="update")
@@ -311,6 +340,45 @@ class Container:
             agent_pb2.StatsContainerRequest(container_id=self.id),
             agent_pb2.StatsContainerResponse,
         )
+
+
+def _short(exc: Exception) -> str:
+    """An error for a log line: its text may be the guest's, up to a ttrpc frame long."""
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def guest_status(status: int, what: str) -> int:
+    """An exit status the guest reports, if it is one (0-255); else ``VM_GONE_STATUS``."""
+    if 0 <= status <= 255:
+        return status
+    log.warning("%s: the guest reported exit status %d; using %d", what, status, VM_GONE_STATUS)
+    return VM_GONE_STATUS
+
+
+def guest_pids(raw: bytes, cid: str) -> list[int]:
+    """The pids of a guest's JSON process list (``ListProcesses``), checked.
+
+    Errors: ``Internal`` unless it is a list of at most ``MAX_PIDS`` pids, each
+    an integer from 1 to ``PID_MAX``.
+    """
+    try:
+        pids = json.loads(raw or b"[]")
+    except (ValueError, RecursionError) as exc:  # deep nesting overflows the parser
+        raise Internal(
+            f"container {cid}: unreadable process list from the guest: {exc}"[:300]
+        ) from None
+    if not isinstance(pids, list) or len(pids) > MAX_PIDS:
+        kind = f"{len(pids)} entries" if isinstance(pids, list) else type(pids).__name__
+        raise Internal(
+            f"container {cid}: process list from the guest is {kind}, "
+            f"not a list of at most {MAX_PIDS} pids"
+        )
+    for pid in pids:
+        if type(pid) is not int or not 1 <= pid <= PID_MAX:  # bool is an int subclass
+            raise Internal(
+                f"container {cid}: process list from the guest holds {pid!r:.40}, not a pid"
+            )
+    return pids
 
 
 def joins_pod_pid_namespace(spec: Mapping[str, Any]) -> bool:

@@ -10,10 +10,10 @@ and what is mounted under it, the network attachments, the containers.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
-import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
@@ -23,6 +23,7 @@ from typing import Any
 import trio
 
 from shimv2.errdefs import DataLoss, DeadlineExceeded, FailedPrecondition, NotFound
+from shimv2.vc import safefs, storage
 from shimv2.vc.ids import sandbox_id
 
 STATE_VERSION = 1
@@ -48,11 +49,19 @@ class SandboxState:
     vm_dir: str = ""
     qemu_pid: int = 0
     virtiofsd_pid: int = 0
+    # Their start times (``procs.process_start_time``): with the pid, what tells
+    # them from a later process that got the pid. 0 in states written before.
+    qemu_start_time: int = 0
+    virtiofsd_start_time: int = 0
     agent_socket: str = ""
     vsock_cid: int = 0
     shared_dir: str = ""
     netns: str = ""
     taps: list[str] = field(default_factory=list)
+    # The sandbox's host cgroup (``/a/b``) and the directories we made for it,
+    # parents first: only those are removed. Defaults: states written before.
+    cgroup_path: str = ""
+    cgroup_dirs: list[str] = field(default_factory=list)
     hypervisor: dict[str, Any] = field(default_factory=dict)
     containers: dict[str, ContainerState] = field(default_factory=dict)
     version: int = STATE_VERSION
@@ -127,8 +136,19 @@ class Store:
         tmp.replace(path)
 
     def remove(self, sid: str) -> None:
-        shutil.rmtree(self.sandbox_dir(sid), ignore_errors=True)
-        shutil.rmtree(self.vm_dir(sid), ignore_errors=True)
+        """Remove the sandbox's directories, never following a link nor crossing a mount.
+
+        The shared views are detached first; anything else still mounted
+        stops the removal with FailedPrecondition and loses nothing.
+        """
+        sid = sandbox_id(sid)
+        storage.release_shared(self.sandbox_dir(sid))
+        for parent in (self.sbs, self.root / "vm"):
+            with (
+                contextlib.suppress(FileNotFoundError),
+                safefs.opened(safefs.open_root(parent)) as fd,
+            ):
+                safefs.remove_tree(fd, sid)
 
     @asynccontextmanager
     async def locked(

@@ -19,8 +19,9 @@ import trio
 
 from shimv2.errdefs import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from shimv2.vc.accel import choose_accelerator
+from shimv2.vc.console import RotatingLog, connect_console, relay_console
 from shimv2.vc.hypervisor import AgentEndpoint
-from shimv2.vc.procs import Adopted, Child
+from shimv2.vc.procs import Adopted, Child, ProcessIdentity
 from shimv2.vc.qmp import Qmp
 from shimv2.vc.virtiofsd import VIRTIOFSD, start_virtiofsd
 
@@ -32,10 +33,13 @@ SHARED_TAG = "kataShared"
 # Trimmed kernel command line measured in the VM recipe; tsc_early_khz keeps
 # microvm from hanging while it calibrates the TSC under TCG.
 FAST_PARAMS = (
-    "console=ttyS0", "quiet", "loglevel=0", "mitigations=off", "tsc=reliable",
-    "no_timer_check", "nokaslr", "cryptomgr.notests", "random.trust_cpu=on",
-    "8250.nr_uarts=1", "panic=-1",
+    "console=ttyS0", "quiet", "loglevel=0", "tsc=reliable", "no_timer_check",
+    "cryptomgr.notests", "random.trust_cpu=on", "8250.nr_uarts=1", "panic=-1",
 )  # fmt: skip
+# Only if the operator asks: the guest keeps its default CPU mitigations.
+NO_MITIGATIONS = ("mitigations=off", "nokaslr")
+COMMAND_LINE_SIZE = 2048  # x86's, with the final NUL
+SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 ACCEL_CACHE = Path("/run/kata-py/accel.json")
 HOTPLUG_PORTS = 4  # q35 only: PCIe root ports free for device hotplug
 MEMORY_SLOTS = 8  # q35 only: DIMM slots for memory hotplug
@@ -75,6 +79,7 @@ class QemuConfig:
     max_vcpus: int = 4
     max_memory_mib: int = 4096
     kernel_params: tuple[str, ...] = ()
+    disable_mitigations: bool = False  # mitigations=off nokaslr, for speed over isolation
     # Directory exported to the guest over virtio-fs; None = no virtio-fs.
     shared_dir: str | None = None
     virtiofsd: str = VIRTIOFSD
@@ -84,6 +89,8 @@ class QemuConfig:
     # Devices known only at launch (network taps): arguments and the fds they name.
     extra_args: tuple[str, ...] = ()
     pass_fds: tuple[int, ...] = ()
+    # The sandbox's cgroup (its cgroup.procs files): QEMU and virtiofsd start in it.
+    cgroup: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if self.machine not in ("microvm", "q35"):
@@ -94,6 +101,10 @@ class QemuConfig:
             )
         if not 1 <= self.vcpus <= 64 or not 128 <= self.memory_mib <= 262144:
             raise InvalidArgument(f"bad VM size: {self.vcpus} vCPUs, {self.memory_mib} MiB")
+        for param in self.kernel_params:
+            # One word each: no separator, NUL or newline to split the command line.
+            if not param or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in param):
+                raise InvalidArgument(f"bad kernel parameter {param!r}")
         for path in (self.kernel, self.initrd):
             if not os.path.isfile(path):
                 raise FailedPrecondition(
@@ -123,6 +134,8 @@ class Qemu:
         self._exited = trio.Event()
         self._exit_status: int | None = None
         self._stopping = False
+        self._console_scope: trio.CancelScope | None = None
+        self._console_done = trio.Event()
 
     # -- paths -------------------------------------------------------------
 
@@ -140,7 +153,12 @@ class Qemu:
 
     @property
     def console_path(self) -> Path:
+        """The guest console's newest output (older output in ``console.log.1``)."""
         return self.run_dir / "console.log"
+
+    @property
+    def console_socket(self) -> Path:
+        return self.run_dir / "console.sock"
 
     @property
     def debug_console_path(self) -> Path:
@@ -153,6 +171,15 @@ class Qemu:
     @property
     def virtiofsd_pid(self) -> int | None:
         return self._virtiofsd.pid if self._virtiofsd is not None else None
+
+    @property
+    def start_time(self) -> int:
+        """QEMU's start time (``procs.process_start_time``), recorded with its pid."""
+        return self._qemu.start_time if self._qemu is not None else 0
+
+    @property
+    def virtiofsd_start_time(self) -> int:
+        return self._virtiofsd.start_time if self._virtiofsd is not None else 0
 
     @property
     def qmp(self) -> Qmp:
@@ -181,6 +208,7 @@ class Qemu:
                     Path(self.config.shared_dir),
                     self.run_dir / "virtiofsd.log",
                     binary=self.config.virtiofsd,
+                    cgroup=self.config.cgroup,
                 )
             if self.config.agent_channel == "vsock" or (
                 self.config.agent_channel == "auto" and os.path.exists("/dev/vhost-vsock")
@@ -188,11 +216,18 @@ class Qemu:
                 self._vsock_cid = random.randrange(3, 1 << 31)
             with open(self.run_dir / "qemu.log", "ab") as qemu_log:
                 self._qemu = await Child.spawn(
-                    "qemu", self.argv(), stderr=qemu_log.fileno(), pass_fds=self.config.pass_fds
+                    "qemu",
+                    self.argv(),
+                    stderr=qemu_log.fileno(),
+                    pass_fds=self.config.pass_fds,
+                    cgroup=self.config.cgroup,
                 )
             nursery.start_soon(self._watch, self._qemu)
             if self._virtiofsd is not None:
                 nursery.start_soon(self._watch_virtiofsd, self._virtiofsd)
+            # Before QMP: the console listens before the guest runs, QMP only after.
+            if not await nursery.start(self._relay_console):
+                raise Unavailable(f"vm {self.vm_id}: QEMU did not start: {self._log_tail()}")
             self._qmp = Qmp(self.vm_id)
             await self._connect_qmp()
         except BaseException:
@@ -220,12 +255,29 @@ class Qemu:
         virtiofsd_pid: int,
         vsock_cid: int,
         nursery: trio.Nursery,
+        *,
+        start_time: int = 0,
+        virtiofsd_start_time: int = 0,
     ) -> Qemu:
-        """Take over a running VM started by another process (from persisted state)."""
+        """Take over a running VM started by another process (from persisted state).
+
+        Only the very processes that were started: pid and start time, and
+        QEMU's exact ``-name``; a state written before start times were
+        recorded (0) relies on the exact argument alone.
+
+        Errors: ``ProcessLookupError`` when a recorded pid is gone or another process.
+        """
         vm = cls(vm_id, config, run_dir)
-        vm._qemu = Adopted("qemu", pid)
+        vm._qemu = Adopted("qemu", ProcessIdentity(pid, start_time, ("-name", f"kata-py-{vm_id}")))
         if virtiofsd_pid:
-            vm._virtiofsd = Adopted("virtiofsd", virtiofsd_pid)
+            # Older virtiofsd command lines named their socket; newer ones pass an fd.
+            legacy = None if virtiofsd_start_time else ("--socket-path", str(vm.virtiofs_path))
+            identity = ProcessIdentity(virtiofsd_pid, virtiofsd_start_time, legacy)
+            try:
+                vm._virtiofsd = Adopted("virtiofsd", identity)
+            except ProcessLookupError:
+                vm._qemu.close()
+                raise
         vm._vsock_cid = vsock_cid or None
         nursery.start_soon(vm._watch, vm._qemu)
         if vm._virtiofsd is not None:
@@ -238,7 +290,26 @@ class Qemu:
             await vm._qmp.aclose()
             vm._qmp = None
             raise
+        nursery.start_soon(vm._relay_console)  # the previous owner's relay died with it
         return vm
+
+    async def _relay_console(
+        self, *, task_status: trio.TaskStatus[bool] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep the guest console in console.log, capped (``shimv2.vc.console``)."""
+        if self._stopping:
+            task_status.started(False)
+            return
+        try:
+            with trio.CancelScope() as self._console_scope:
+                stream = await connect_console(self.console_socket, exited=self._exited)
+                task_status.started(stream is not None)
+                if stream is None:
+                    log.warning("vm %s: no console socket; console not kept", self.vm_id)
+                    return
+                await relay_console(stream, RotatingLog(self.console_path))
+        finally:
+            self._console_done.set()
 
     async def _watch(self, qemu: Child | Adopted) -> None:
         status = await qemu.wait()
@@ -281,6 +352,10 @@ class Qemu:
             await self._qemu.stop(grace=timeout)
         if self._virtiofsd is not None:
             await self._virtiofsd.stop()
+        if self._console_scope is not None:  # no console write after the rmtree
+            self._console_scope.cancel()
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await self._console_done.wait()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
     # -- command line ------------------------------------------------------
@@ -288,7 +363,14 @@ class Qemu:
     def kernel_cmdline(self) -> str:
         channel = "vsock" if self._vsock_cid is not None else "serial"
         params = [*FAST_PARAMS, f"tsc_early_khz={host_tsc_khz()}", f"kata_py.channel={channel}"]
-        return " ".join([*params, *self.config.kernel_params])
+        if self.config.disable_mitigations:
+            params += NO_MITIGATIONS
+        cmdline = " ".join([*params, *self.config.kernel_params])
+        if len(cmdline) >= COMMAND_LINE_SIZE:  # the guest would cut it silently
+            raise InvalidArgument(
+                f"vm {self.vm_id}: kernel command line over {COMMAND_LINE_SIZE - 1} bytes"
+            )
+        return cmdline
 
     def argv(self) -> list[str]:
         cfg = self.config
@@ -300,7 +382,20 @@ class Qemu:
             "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
             *self._size_args(),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-            "-serial", f"file:{self.console_path}",
+            # seccomp: no obsolete calls, set*id, fork/exec or scheduler changes.
+            # Boot, virtio-fs, taps, memfd RAM, hotplug (memory, vCPUs, disks,
+            # NICs) and the debug console all work under it (tests/vc).
+            # Not -runas (tried as 65534:65534): QEMU 7.2 loads this filter
+            # before it changes uid, so elevateprivileges=deny kills it at
+            # setgid (SIGSYS); with =allow everything above works except disk
+            # hotplug: blockdev-add opens the file by name after the uid change
+            # (EACCES), so add_device must pass an fd (add-fd, /dev/fdset/N)
+            # first, and each VM needs its own uid (one shared uid lets a QEMU
+            # signal the others), allocated and recorded for cleanup.
+            "-sandbox", SECCOMP,
+            # A socket, not a file: the shim keeps the output within a cap.
+            "-chardev", f"socket,id=console,path={self.console_socket},server=on,wait=off",
+            "-serial", "chardev:console",
             "-kernel", cfg.kernel, "-initrd", cfg.initrd, "-append", self.kernel_cmdline(),
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]  # fmt: skip

@@ -3,6 +3,11 @@
 This module is the one bridge between the two event loops. Each command is
 submitted to the loop thread; its completion wakes the trio task through the
 trio token, so no worker thread is held per call.
+
+QMP events are counted and dropped: qemu.qmp's default listener would keep
+every one (a queue and a history, both unbounded), and a guest can make QEMU
+send them for as long as it runs (VSERPORT_CHANGE, by opening and closing a
+virtio-serial port). Nothing here waits for events.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ class Qmp:
         )
         self._thread.start()
         self._client: QMPClient | None = None
+        self.events_seen = 0  # written on the loop thread only
 
     async def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         future = asyncio.run_coroutine_threadsafe(coro, self._loop)
@@ -55,10 +61,16 @@ class Qmp:
     async def connect(self, path: str) -> None:
         async def connect() -> QMPClient:
             client = QMPClient(self._name)
+            # Before connecting: no event can be kept, not even one from the greeting.
+            client.events.event_filter = self._drop_event
             await client.connect(path)
             return client
 
         self._client = await self._run(connect())
+
+    def _drop_event(self, event: Mapping[str, object]) -> bool:
+        self.events_seen += 1
+        return False  # the listener keeps nothing
 
     async def execute(self, command: str, arguments: Mapping[str, object] | None = None) -> Any:
         if self._client is None:

@@ -20,18 +20,20 @@ from pathlib import Path
 import trio
 from google.protobuf.empty_pb2 import Empty
 
-from shimv2.errdefs import AlreadyExists, FailedPrecondition, NotFound, Unavailable
+from shimv2.errdefs import AlreadyExists, Error, FailedPrecondition, NotFound, Unavailable
 from shimv2.pb.kata import agent_pb2, types_pb2
 from shimv2.vc import network, storage
 from shimv2.vc.agent import AgentClient, connect_agent
+from shimv2.vc.cgroups import HostCgroups, sandbox_cgroup
 from shimv2.vc.config import Config, apply_annotations
 from shimv2.vc.container import Container, ContainerConfig, ContainerStatus
 from shimv2.vc.factory import Factory
 from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.ids import container_id, sandbox_id
 from shimv2.vc.persist import ContainerState, SandboxState, Store
-from shimv2.vc.procs import pid_alive
+from shimv2.vc.procs import ProcessIdentity
 from shimv2.vc.qemu import Qemu
+from shimv2.vc.ratelimit import Backoff, TokenBucket
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ class SandboxConfig:
     annotations: Mapping[str, str] = field(default_factory=dict)
     containers: tuple[ContainerConfig, ...] = ()
     dns: tuple[str, ...] = ()
+    # The sandbox container's linux.cgroupsPath: QEMU and virtiofsd run there.
+    cgroups_path: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +61,16 @@ class SandboxStatus:
 
 class Sandbox:
     def __init__(
-        self, store: Store, config: Config, state: SandboxState, nursery: trio.Nursery
+        self,
+        store: Store,
+        config: Config,
+        state: SandboxState,
+        nursery: trio.Nursery,
+        *,
+        cgroups: HostCgroups | None = None,
     ) -> None:
         self.store = store
+        self.cgroups = cgroups or HostCgroups()
         self.config = config
         self.state = state
         self._nursery = nursery
@@ -112,8 +123,9 @@ class Sandbox:
     async def boot(self, factory: Factory, annotations: Mapping[str, str]) -> None:
         """Start the VM and connect to its agent (the caller handles rollback)."""
         config = apply_annotations(self.config, annotations)
-        shared = self.store.shared_dir(self.id)
-        shared.mkdir(mode=0o700, exist_ok=True)
+        shared = await trio.to_thread.run_sync(
+            storage.prepare_shared, self.store.sandbox_dir(self.id)
+        )
         self.state.shared_dir = str(shared)
         self.state.vm_dir = str(self.store.vm_dir(self.id))
         qemu_config = config.qemu(str(shared))
@@ -129,6 +141,7 @@ class Sandbox:
             qemu_config = dataclasses.replace(
                 qemu_config, extra_args=tuple(args), pass_fds=tuple(t.fd for t in self.taps)
             )
+        qemu_config = dataclasses.replace(qemu_config, cgroup=self.make_cgroup())
         try:
             self.vm = await factory.get_vm(
                 self.id, qemu_config, Path(self.state.vm_dir), self._nursery
@@ -163,6 +176,8 @@ class Sandbox:
         endpoint = vm.agent_endpoint()
         self.state.qemu_pid = vm.pid or 0
         self.state.virtiofsd_pid = vm.virtiofsd_pid or 0
+        self.state.qemu_start_time = vm.start_time
+        self.state.virtiofsd_start_time = vm.virtiofsd_start_time
         self.state.agent_socket = endpoint.unix_path or ""
         self.state.vsock_cid = endpoint.vsock_cid or 0
         self.state.hypervisor = {"machine": vm.config.machine, "accelerator": vm.accelerator}
@@ -190,17 +205,69 @@ class Sandbox:
                 await trio.sleep_forever()
         self._agent = None
 
-    async def watch_oom(self) -> None:
-        """Relay the guest's OOM kills (GetOOMEvent blocks until one happens)."""
-        while not self.vm_gone:
-            try:
-                event = await self.agent.call(
-                    "GetOOMEvent", agent_pb2.GetOOMEventRequest(), agent_pb2.OOMEvent
-                )
-            except (Unavailable, NotFound):
-                return  # the agent or the VM is gone; nothing more will come
-            if event.container_id in self.containers and self.on_oom is not None:
-                self.on_oom(event.container_id)
+    async def watch_oom(self, *, rate: float = 5.0, burst: int = 10) -> None:
+        """Relay the guest's OOM kills (GetOOMEvent blocks until one happens).
+
+        The guest is hostile: an error status or a reply that does not decode
+        is logged and asked again after a growing pause; at most ``rate`` events
+        a second (after a ``burst``) reach ``on_oom``, the excess is dropped and
+        counted. Ends when the VM or the agent connection is gone.
+        """
+        retry = Backoff(first=0.1, limit=10.0)
+        bucket = TokenBucket(rate, burst)
+        dropped = 0  # since ``since``, not logged yet: one line a minute at most
+        since = 0.0
+        warned = False
+        try:
+            while not self.vm_gone:
+                agent = self._agent
+                if agent is None or agent.closed:
+                    return  # the agent or the VM is gone; nothing more will come
+                try:
+                    event = await agent.call(
+                        "GetOOMEvent", agent_pb2.GetOOMEventRequest(), agent_pb2.OOMEvent
+                    )
+                except Error as exc:
+                    if self.vm_gone or agent.closed:
+                        return
+                    delay = retry.next()
+                    log.warning(
+                        "sandbox %s: GetOOMEvent failed, asking again in %gs: %s: %s",
+                        self.id, delay, type(exc).__name__, exc.message[:200],
+                    )  # fmt: skip
+                    with trio.move_on_after(delay):
+                        await self.vm_exited.wait()
+                    continue
+                retry.reset()
+                if dropped and trio.current_time() - since >= 60:
+                    log.warning("sandbox %s: dropped %d OOM event(s)", self.id, dropped)
+                    dropped = 0
+                if not bucket.take():
+                    if not warned:
+                        warned = True
+                        log.warning(
+                            "sandbox %s: the guest reports OOM events faster than %g/s; "
+                            "dropping the excess (counted)",
+                            self.id, rate,
+                        )  # fmt: skip
+                    if not dropped:
+                        since = trio.current_time()
+                    dropped += 1
+                    # Also pace the loop: an agent that answers at once must not spin us.
+                    with trio.move_on_after(bucket.wait_time()):
+                        await self.vm_exited.wait()
+                    continue
+                cid = event.container_id
+                if cid in self.containers and self.on_oom is not None:
+                    try:
+                        self.on_oom(cid)
+                    except Error as exc:  # a publisher closing at shutdown
+                        log.warning("sandbox %s: OOM in %s not relayed: %s", self.id, cid, exc)
+                else:
+                    log.debug("sandbox %s: OOM event for unknown container %.80r", self.id, cid)
+        finally:
+            if dropped:
+                log.warning("sandbox %s: dropped %d OOM event(s)", self.id, dropped)
 
     async def watch_vm(self) -> None:
         assert self.vm is not None
@@ -254,25 +321,29 @@ class Sandbox:
         Returns the guest source of each shared bind mount, by its index in
         the spec's mounts.
         """
-        bundle_rootfs = Path(config.bundle) / str(config.spec.get("root", {}).get("path", "rootfs"))
-        shared, record = self.state.shared_dir, container.state.mounts
+        root = config.spec.get("root") or {}
+        root_path = str(root.get("path", "rootfs")) if isinstance(root, dict) else ""
+        top, record = self.store.sandbox_dir(self.id), container.state.mounts
         try:
-            target = await storage.mount_rootfs(
-                shared, container.id, config.rootfs, bundle_rootfs, record
-            )
+            target = await trio.to_thread.run_sync(
+                storage.mount_rootfs, top, container.id, config.rootfs, config.bundle, root_path,
+                record,
+            )  # fmt: skip
             container.state.rootfs = str(target)
-            return await storage.share_bind_mounts(
-                shared, container.id, config.spec.get("mounts") or [], record
-            )
+            return await trio.to_thread.run_sync(
+                storage.share_bind_mounts, top, container.id, config.spec.get("mounts") or [],
+                record,
+            )  # fmt: skip
         finally:
             self.save()  # the mount points are on disk before anyone needs to undo them
 
     async def unmount_storage(self, container: Container) -> None:
-        left = await storage.unmount_all(container.state.mounts)
+        top = self.store.sandbox_dir(self.id)
+        left = await trio.to_thread.run_sync(storage.unmount_all, top, container.state.mounts)
         if left:
             raise FailedPrecondition(f"container {container.id}: still mounted: {left}")
         container.state.mounts.clear()
-        storage.remove_container_dir(self.state.shared_dir, container.id)
+        await trio.to_thread.run_sync(storage.remove_container_dir, top, container.id)
 
     async def delete_container(self, cid: str) -> ContainerStatus:
         container = self.container(cid)
@@ -346,6 +417,22 @@ class Sandbox:
         else:
             await kill_recorded(self.state)
         await self.release_network()
+        await self.release_cgroup()
+
+    def make_cgroup(self) -> tuple[str, ...]:
+        """Create the sandbox's host cgroup; the cgroup.procs files QEMU and virtiofsd join."""
+        path = self.state.cgroup_path or sandbox_cgroup("", self.id)
+        self.state.cgroup_path = path
+        self.state.cgroup_dirs = self.cgroups.create(path)
+        self.save()  # recorded before QEMU runs there, for cleanup after a crash
+        return self.cgroups.procs_files(path)
+
+    async def release_cgroup(self) -> None:
+        """Remove the cgroup directories we made, once QEMU and virtiofsd are gone."""
+        if self.state.cgroup_dirs:
+            self.state.cgroup_dirs = await self.cgroups.remove(self.state.cgroup_dirs)
+            if self.state.cgroup_dirs:
+                log.error("sandbox %s: cgroups still in use: %s", self.id, self.state.cgroup_dirs)
 
     async def attach_endpoint(self, name: str) -> network.TapAttachment:
         """Attach a tap to the netns link ``name`` that has none yet (for hotplug)."""
@@ -392,6 +479,9 @@ class Sandbox:
     async def delete(self) -> None:
         if self.state.state != "stopped":
             raise FailedPrecondition(f"cannot delete sandbox {self.id} in state {self.state.state}")
+        await self.release_cgroup()
+        if self.state.cgroup_dirs:
+            raise FailedPrecondition(f"sandbox {self.id}: cgroups still in use")
         for cid in list(self.containers):
             c = self.containers[cid]
             await self.unmount_storage(c)
@@ -400,16 +490,40 @@ class Sandbox:
 
 
 async def kill_recorded(state: SandboxState) -> None:
-    """Kill the QEMU and virtiofsd a state records (when no live object owns them)."""
-    markers = ((state.qemu_pid, f"kata-py-{state.id}"), (state.virtiofsd_pid, state.vm_dir))
-    for pid, marker in markers:
-        if pid and pid_alive(pid, marker):
+    """Kill the QEMU and virtiofsd a state records (when no live object owns them).
+
+    Only the very processes that were started (``ProcessIdentity``): pid and
+    start time, and QEMU's exact ``-name``. A state written before start
+    times were recorded (0) relies on the exact argument alone; the pid may
+    belong to another sandbox's VM by now.
+    """
+    legacy_socket = ("--socket-path", str(Path(state.vm_dir) / "vfs.sock"))
+    identities = (
+        ProcessIdentity(state.qemu_pid, state.qemu_start_time, ("-name", f"kata-py-{state.id}")),
+        ProcessIdentity(
+            state.virtiofsd_pid,
+            state.virtiofsd_start_time,
+            None if state.virtiofsd_start_time or not state.vm_dir else legacy_socket,
+        ),
+    )
+    for identity in identities:
+        fd = identity.open_pidfd()
+        if fd is None:
+            continue  # gone, or not ours
+        try:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
             with trio.move_on_after(5):
-                while pid_alive(pid, marker):  # noqa: ASYNC110 - not our child: no event
-                    await trio.sleep(0.02)
+                await trio.lowlevel.wait_readable(fd)  # readable once it has exited
+        finally:
+            os.close(fd)
 
 
 def sandbox_state_for(config: SandboxConfig) -> SandboxState:
-    return SandboxState(id=sandbox_id(config.id), state="creating", netns=config.netns)
+    sid = sandbox_id(config.id)
+    return SandboxState(
+        id=sid,
+        state="creating",
+        netns=config.netns,
+        cgroup_path=sandbox_cgroup(config.cgroups_path, sid),  # checked before any use
+    )

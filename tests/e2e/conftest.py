@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.leaks import vm_processes
+from tests.leaks import cgroup_dirs, vm_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "localhost/kata-py/busybox:latest"
@@ -153,8 +153,8 @@ def shim_sockets() -> set[str]:
     return set(os.listdir(SHIM_SOCKETS)) if SHIM_SOCKETS.exists() else set()
 
 
-def assert_nothing_left(sockets_before: set[str]) -> None:
-    """No shim, QEMU, virtiofsd, mount, shim or monitor socket, or sandbox state left.
+def assert_nothing_left(sockets_before: set[str], cgroups_before: set[str]) -> None:
+    """No shim, QEMU, virtiofsd, mount, shim or monitor socket, sandbox state or cgroup left.
 
     Leaked shims are killed before the asserts.
     """
@@ -176,6 +176,7 @@ def assert_nothing_left(sockets_before: set[str]) -> None:
     assert left == []
     assert mounts == []
     assert shim_sockets() - sockets_before == set()
+    assert cgroup_dirs() - cgroups_before == set()  # the pods' host cgroups
 
 
 @pytest.fixture
@@ -183,6 +184,6 @@ def cd(containerd: Containerd) -> Iterator[Containerd]:
     """The session's containerd, with a leak check after each test."""
     if containerd.proc is None or containerd.proc.poll() is not None:
         containerd.start()
-    before = shim_sockets()
+    before, cgroups_before = shim_sockets(), cgroup_dirs()
     yield containerd
-    assert_nothing_left(before)
+    assert_nothing_left(before, cgroups_before)

@@ -29,7 +29,7 @@ from tests.e2e.conftest import (
     shim_pids,
     shim_sockets,
 )
-from tests.leaks import vm_processes
+from tests.leaks import cgroup_dirs, vm_processes
 
 pytestmark = pytest.mark.vm
 
@@ -129,10 +129,10 @@ def cri_containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
 
 @pytest.fixture
 def cri(cri_containerd: Containerd) -> Iterator[Cri]:
-    before = shim_sockets()
+    before, cgroups_before = shim_sockets(), cgroup_dirs()
     netns_before = set(os.listdir("/var/run/netns")) if os.path.exists("/var/run/netns") else set()
     yield Cri(cri_containerd)
-    assert_nothing_left(before)
+    assert_nothing_left(before, cgroups_before)
     netns_after = set(os.listdir("/var/run/netns")) if os.path.exists("/var/run/netns") else set()
     assert netns_after - netns_before == set()
 

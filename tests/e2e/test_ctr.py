@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shimv2.vc.qemu import default_guest_dir
 from tests.e2e.conftest import IMAGE, RUNTIME, Containerd, shim_pids
-from tests.leaks import vm_processes
+from tests.leaks import cgroup_hierarchies, process_cgroups, vm_processes
 
 pytestmark = pytest.mark.vm
 
@@ -295,9 +295,39 @@ def test_a_killed_shim_is_cleaned_up_by_delete(cd: Containerd) -> None:
             time.sleep(0.5)
         cd.ctr("task", "rm", "-f", name, check=False)
         cd.ctr("containers", "rm", name)
+        while pod_cgroups(name):  # removed by `delete` from the state alone
+            assert time.monotonic() < deadline, pod_cgroups(name)
+            time.sleep(0.2)
         assert not os.path.exists(f"/run/kata-py/sbs/{name}")
         assert not os.path.exists(f"/run/kata-py/vm/{name}")
         with open("/proc/self/mountinfo") as f:
             assert [line for line in f if f"/sbs/{name}/" in line] == []
     finally:
         remove(cd, name)
+
+
+def pod_cgroups(name: str, namespace: str = "default") -> list[str]:
+    """The host cgroup directories of a ``ctr run`` pod that exist."""
+    return [str(h) for h in cgroup_hierarchies() if (h / namespace / name).exists()]
+
+
+def test_the_vm_runs_in_the_cgroup_containerd_gives_the_pod(cd: Containerd) -> None:
+    name = cid()
+    run_detached(cd, name, "sleep", "1000")
+    try:
+        # What ctr (every version here) puts in the spec: /<namespace>/<id>.
+        spec = json.loads((cd.bundle(name) / "config.json").read_text())
+        path = spec["linux"]["cgroupsPath"]
+        assert path == f"/default/{name}"
+        names = ["" if h.name == "cgroup" else h.name for h in cgroup_hierarchies()]
+        assert len(pod_cgroups(name)) == len(names) > 0
+        vm = vm_processes(f"kata-py-{name}") + vm_processes(f"/{name}/")
+        pids = {int(p.split(":")[0]): p for p in vm}
+        kinds = sorted("qemu" if "qemu-system" in p else "virtiofsd" for p in pids.values())
+        assert kinds == ["qemu", "virtiofsd"]
+        for pid in pids:
+            joined = process_cgroups(pid)
+            assert {n: joined[n] for n in names} == dict.fromkeys(names, path), pids[pid]
+    finally:
+        remove(cd, name)
+    assert pod_cgroups(name) == []

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import IMAGE, RUNTIME, Containerd, assert_nothing_left, shim_sockets
+from tests.leaks import cgroup_dirs
 from tests.otlp import Collector
 
 pytestmark = pytest.mark.vm
 
 
 def test_the_shim_sends_the_spans_of_a_pod_to_the_collector(tmp_path: Path) -> None:
-    before = shim_sockets()
+    before, cgroups_before = shim_sockets(), cgroup_dirs()
     base = Path(f"/run/kpy-trace-{uuid.uuid4().hex[:6]}")
     base.mkdir()
     with Collector() as collector:
@@ -33,7 +34,7 @@ def test_the_shim_sends_the_spans_of_a_pod_to_the_collector(tmp_path: Path) -> N
             cd.import_image(IMAGE)
             out = cd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, "traced", "echo", "hi")
             assert out.stdout == "hi\n"
-            assert_nothing_left(before)  # the shim has exited, so it has flushed
+            assert_nothing_left(before, cgroups_before)  # the shim has exited, so it has flushed
         finally:
             cd.stop()
             subprocess.run(["umount", "-R", str(base / "root")], check=False)

@@ -208,3 +208,11 @@ async def test_wait_for_serial_port_is_bounded(tmp_path: Path) -> None:
 def test_open_port_failure_is_a_channel_error(tmp_path: Path) -> None:
     with pytest.raises(ch.ChannelError):
         ch.open_port(tmp_path / "missing")
+
+
+def test_only_the_host_may_dial_the_agent_over_vsock() -> None:
+    vsock = socket.AF_VSOCK
+    assert ch.host_peer(vsock, (socket.VMADDR_CID_HOST, 1234))
+    for peer in ((1, 1234), (3, 1234), (socket.VMADDR_CID_ANY, 1), "", None):
+        assert not ch.host_peer(vsock, peer)  # loopback, another VM, garbage
+    assert ch.host_peer(socket.AF_UNIX, "")  # the tests' unix listeners

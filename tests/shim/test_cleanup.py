@@ -20,7 +20,8 @@ from shimv2.shim.flags import Flags
 from shimv2.shim.metrics import monitor_socket
 from shimv2.vc.config import Config, RuntimeConfig
 from shimv2.vc.persist import ContainerState, SandboxState, Store
-from shimv2.vc.storage import is_mountpoint
+from shimv2.vc.storage import host_rootfs, prepare_shared
+from tests.mountinfo import mounted as is_mountpoint
 
 SHIM = f"{sys.executable.rsplit('/', 1)[0]}/containerd-shim-kata-py-v2"
 CRI_SANDBOX = "io.kubernetes.cri.sandbox-id"
@@ -107,23 +108,22 @@ async def test_container_then_sandbox_from_state(tmp_path: Path, mounts: list[Pa
     state_dir = tmp_path / "state"
     store = Store(state_dir)
     store.create("pod1")
-    shared = store.shared_dir("pod1")
-    shared.mkdir()
-    bind(tmp_path / "l1", shared / "pod1")
-    bind(tmp_path / "l2", shared / "c2")
-    mounts += [shared / "pod1", shared / "c2"]
+    top = store.sandbox_dir("pod1")
+    shared = prepare_shared(top)
+    roots = {cid: host_rootfs(top, cid) for cid in ("pod1", "c2")}
+    for cid, root in roots.items():
+        root.parent.mkdir()
+        bind(tmp_path / f"layer-{cid}", root)
+    mounts += [*roots.values(), top / "shared", top / "mounts"]
+    assert is_mountpoint(shared / "c2" / "rootfs")  # what the guest sees follows
     store.save(
         SandboxState(
             id="pod1",
             state="running",
             shared_dir=str(shared),
             containers={
-                "pod1": ContainerState(
-                    id="pod1", bundle="/b1", state="running", mounts=[str(shared / "pod1")]
-                ),
-                "c2": ContainerState(
-                    id="c2", bundle="/b2", state="running", mounts=[str(shared / "c2")]
-                ),
+                cid: ContainerState(id=cid, bundle=f"/b-{cid}", state="running", mounts=[str(root)])
+                for cid, root in roots.items()
             },
         )
     )
@@ -133,10 +133,15 @@ async def test_container_then_sandbox_from_state(tmp_path: Path, mounts: list[Pa
     (b2 / "config.json").write_text(json.dumps({"annotations": {CRI_SANDBOX: "pod1"}}))
 
     await clean(Flags(id="c2", namespace="default"), str(b2), config)
-    assert not is_mountpoint(shared / "c2")
-    assert is_mountpoint(shared / "pod1")
+    assert not is_mountpoint(roots["c2"])
+    assert not is_mountpoint(shared / "c2" / "rootfs")
+    assert not (top / "mounts" / "c2").exists()
+    assert is_mountpoint(roots["pod1"])
     assert list(store.load("pod1").containers) == ["pod1"]
 
     await clean(Flags(id="pod1", namespace="default"), str(tmp_path / "b1"), config)
-    assert not is_mountpoint(shared / "pod1")
+    assert not is_mountpoint(roots["pod1"])
+    assert not is_mountpoint(top / "shared")
+    assert not is_mountpoint(top / "mounts")
+    assert not top.exists()
     assert store.list() == []

@@ -10,7 +10,7 @@ import pytest
 import trio
 
 from shimv2.errdefs import FailedPrecondition
-from shimv2.pb.containerd.events.task_pb2 import TaskExit, TaskStart
+from shimv2.pb.containerd.events.task_pb2 import TaskExit, TaskOOM, TaskStart
 from shimv2.shim.events import NAMESPACE_KEY, Publisher
 from shimv2.shim.testing import ForwardRecorder, RecordingPublisher
 from shimv2.ttrpc import Server, open_unix_listener
@@ -147,6 +147,35 @@ async def test_full_queue_drops_without_raising(tmp_path: Path) -> None:
         publisher.publish("/tasks/exit", TaskExit(pid=pid))
     assert publisher.dropped == 3
     await publisher.aclose()  # never ran: returns at once
+
+
+async def test_a_full_queue_logs_once_per_burst(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    publisher = Publisher(str(tmp_path / "none.sock"), "default", queue_size=4)
+    for pid in range(1000):
+        publisher.publish("/tasks/exit", TaskExit(pid=pid))
+    assert publisher.dropped == 996
+    await publisher.aclose()
+    lines = [r.getMessage() for r in caplog.records if "drop" in r.getMessage()]
+    # One line when dropping starts, one with the count: not a line per event.
+    assert 1 <= len(lines) <= 2, lines[:5]
+    assert "995" in lines[-1] or "996" in lines[-1]
+
+
+async def test_a_flood_of_oom_events_leaves_room_for_exits(
+    containerd: Containerd, nursery: trio.Nursery
+) -> None:
+    # The guest decides when OOM events happen: a flood must not crowd out TaskExit.
+    publisher = Publisher(containerd.path, "default", queue_size=8)
+    for _ in range(100):
+        publisher.publish("/tasks/oom", TaskOOM(container_id="c1"))
+    publisher.publish("/tasks/exit", TaskExit(pid=7))
+    await nursery.start(publisher.run)
+    await publisher.aclose()
+    topics = [f.envelope.topic for f in containerd.recorder.received]
+    assert topics[-1] == "/tasks/exit"
+    assert 1 <= topics.count("/tasks/oom") <= 4
 
 
 async def test_recording_publisher(nursery: trio.Nursery) -> None:

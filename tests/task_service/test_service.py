@@ -20,6 +20,7 @@ from google.protobuf.message_factory import GetMessageClass
 from shimv2.errdefs import (
     AlreadyExists,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     Unimplemented,
@@ -32,6 +33,7 @@ from shimv2.pb.containerd.runtime.task.v3 import shim_pb2 as shim_v3
 from shimv2.pb.containerd.types.task import task_pb2
 from shimv2.pb.kata import agent_pb2
 from shimv2.task_service import TaskService, VirtContainers
+from shimv2.task_service.service import cgroups_path
 from shimv2.task_service.stats import host_is_cgroup_v2
 from shimv2.task_service.testing import (
     FAKE_VM_PID,
@@ -89,7 +91,10 @@ class Harness:
             "process": {"args": ["sh"], "cwd": "/"},
             "root": {"path": "rootfs"},
             "annotations": annotations or {},
-            "linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/x"}]},
+            "linux": {
+                "namespaces": [{"type": "network", "path": "/var/run/netns/x"}],
+                "cgroupsPath": f"/kubepods/besteffort/pod1/{cid}",
+            },
         }
         (path / "config.json").write_text(json.dumps(spec))
         return str(path)
@@ -209,6 +214,14 @@ async def test_sandbox_config_from_spec(h: Harness) -> None:
     config = h.vc.sandboxes["c1"].config
     assert (config.id, config.hostname, config.netns) == ("c1", "c1", "/var/run/netns/x")
     assert [c.id for c in config.containers] == ["c1"]
+    assert config.cgroups_path == "/kubepods/besteffort/pod1/c1"  # QEMU's cgroup
+
+
+def test_cgroups_path_must_be_a_string() -> None:
+    assert cgroups_path({}) == ""
+    assert cgroups_path({"linux": {"cgroupsPath": "a:b:c"}}) == "a:b:c"
+    with pytest.raises(InvalidArgument, match="not a string"):
+        cgroups_path({"linux": {"cgroupsPath": ["/x"]}})
 
 
 async def test_fifo_output_complete_before_exit_event_and_wait(h: Harness) -> None:
@@ -292,6 +305,32 @@ async def test_exec_lifecycle_and_kill_of_stopped_exec(h: Harness) -> None:
     with pytest.raises(NotFound):
         await h("State", id="c1", exec_id="e1")
     assert "/tasks/delete" not in h.events.topics()  # only the init's delete is an event
+
+
+async def test_a_deleted_exec_is_forgotten_and_its_id_free_again(h: Harness) -> None:
+    # Exec liveness probes: an exec per probe, each deleted once waited for.
+    await h.create("c1")
+    await h("Start", id="c1")
+    spec = AnyPb(type_url=PROCESS_URL, value=b'{"args": ["true"]}')
+    for code in range(3):
+        h.vc.programs["c1", "probe"] = Program(exit_code=code)
+        await h("Exec", id="c1", exec_id="probe", spec=spec)
+        await h("Start", id="c1", exec_id="probe")
+        assert (await h("Wait", id="c1", exec_id="probe")).exit_status == code
+        assert (await h("Delete", id="c1", exec_id="probe")).exit_status == code
+        assert h.vc.container("c1", "c1").execs == {}  # vc forgot it too
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"[1, -5]", b"[4294967296]", b"[" * 50_000 + b"]" * 50_000, b'{"a": 1}', b"[true]"],
+)
+async def test_pids_refuses_an_absurd_process_list(h: Harness, raw: bytes) -> None:
+    await h.create("c1")
+    await h("Start", id="c1")
+    h.vc.process_list = raw
+    with pytest.raises(Internal, match="process list"):
+        await h("Pids", id="c1")
 
 
 async def test_kill_stopped_init(h: Harness) -> None:

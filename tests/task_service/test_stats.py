@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from shimv2.errdefs import Internal
 from shimv2.pb.cgroups.v1 import metrics_pb2 as v1
 from shimv2.pb.cgroups.v2 import metrics_pb2 as v2
 from shimv2.pb.kata import agent_pb2
@@ -114,3 +117,43 @@ def test_host_cgroup_mode_from_the_unified_marker(tmp_path: Path) -> None:
     marker.write_text("cpu memory\n")
     assert host_is_cgroup_v2(str(marker))
     assert host_is_cgroup_v2() == Path("/sys/fs/cgroup/cgroup.controllers").exists()
+
+
+def _absurd(case: str) -> agent_pb2.StatsContainerResponse:
+    stats = sample()
+    cg = stats.cgroup_stats
+    if case == "interfaces":
+        stats.network_stats.extend(agent_pb2.NetworkStats(name=f"e{i}") for i in range(10_000))
+    elif case == "long-name":
+        stats.network_stats.add(name="x" * 1_000_000)
+    elif case == "cpus":
+        cg.cpu_stats.cpu_usage.percpu_usage.extend(range(100_000))
+    elif case == "hugetlb":
+        for i in range(100):
+            cg.hugetlb_stats[f"{i}kB"].usage = 1
+    elif case == "hugetlb-name":
+        cg.hugetlb_stats["k" * 100_000].usage = 1
+    elif case == "blkio":
+        cg.blkio_stats.io_serviced_recursive.extend(
+            agent_pb2.BlkioStatsEntry(op="Read", major=8, minor=i) for i in range(50_000)
+        )
+    else:
+        cg.blkio_stats.io_service_bytes_recursive.add(op="R" * 100_000)
+    return stats
+
+
+@pytest.mark.parametrize(
+    "case", ["interfaces", "long-name", "cpus", "hugetlb", "hugetlb-name", "blkio", "blkio-op"]
+)
+@pytest.mark.parametrize("cgroup_v2", [False, True])
+def test_absurd_stats_from_the_guest_are_refused(case: str, cgroup_v2: bool) -> None:
+    # They go to containerd as they are: nothing a real guest has, nothing unbounded.
+    with pytest.raises(Internal, match="stats"):
+        metrics_any(_absurd(case), cgroup_v2=cgroup_v2)
+
+
+def test_stats_of_a_big_but_real_guest_pass() -> None:
+    stats = sample()
+    stats.cgroup_stats.cpu_stats.cpu_usage.percpu_usage.extend(range(64))
+    stats.network_stats.extend(agent_pb2.NetworkStats(name=f"eth{i}") for i in range(16))
+    assert metrics_any(stats, cgroup_v2=True).value

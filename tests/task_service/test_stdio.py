@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from shimv2.errdefs import InvalidArgument
+from shimv2.errdefs import FailedPrecondition, InvalidArgument
 from shimv2.task_service.stdio import CHUNK, ProcessIO, StdioConfig, binary_args
 from shimv2.task_service.testing import FakeProcess, Program
 
@@ -224,6 +224,37 @@ async def test_file_scheme_appends_stdout_and_stderr(tmp_path: Path, nursery: tr
     content = log.read_bytes()
     assert content.startswith(b"old\n")
     assert sorted(content[4:].splitlines()) == [b"err", b"out"]
+
+
+async def test_file_scheme_never_follows_a_planted_symlink(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\n")
+    victim.chmod(0o644)
+    log = tmp_path / "c.log"
+    log.symlink_to(victim)
+    with pytest.raises(FailedPrecondition, match="cannot open stdio file"):
+        await ProcessIO.open(
+            StdioConfig(stdout=f"file://{log}", stderr=f"file://{log}"),
+            container_id="c",
+            namespace="ns",
+        )
+    assert victim.read_bytes() == b"precious\n"
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o644
+    assert log.is_symlink()
+
+
+async def test_file_scheme_refuses_what_is_not_a_regular_file(
+    tmp_path: Path, reader_fds: list[int]
+) -> None:
+    path = fifo(tmp_path, "c.log")
+    open_reader(path, reader_fds)  # a reader: a plain O_WRONLY open would succeed
+    with trio.fail_after(5), pytest.raises(FailedPrecondition, match="not a regular file"):
+        await ProcessIO.open(StdioConfig(stdout=f"file://{path}"), container_id="c", namespace="n")
+    lonely = fifo(tmp_path, "lonely.log")  # no reader: a blocking open would hang the shim
+    with trio.fail_after(5), pytest.raises(FailedPrecondition):
+        await ProcessIO.open(
+            StdioConfig(stdout=f"file://{lonely}"), container_id="c", namespace="n"
+        )
 
 
 LOGGER = """#!/bin/sh

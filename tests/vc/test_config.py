@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from shimv2.errdefs import InvalidArgument
-from shimv2.vc.config import Config, apply_annotations, load_config, parse_config
+from shimv2.vc.config import (
+    Config,
+    HostLimits,
+    apply_annotations,
+    load_config,
+    parse_config,
+)
 
 SAMPLE = """
 [hypervisor.qemu]
@@ -87,12 +94,13 @@ def test_permitted_annotations_apply() -> None:
         config,
         {
             "io.katacontainers.config.hypervisor.default_vcpus": "4",
-            "io.katacontainers.config.hypervisor.kernel_params": "foo=bar",
+            "io.katacontainers.config.hypervisor.kernel_params": "loglevel=7 ignore_loglevel",
             "io.kubernetes.cri.sandbox-id": "ignored",
         },
+        HostLimits(cpus=8, memory_mib=16384),
     )
     assert out.hypervisor.default_vcpus == 4
-    assert out.hypervisor.kernel_params == "debug foo=bar"
+    assert out.hypervisor.kernel_params == "debug loglevel=7 ignore_loglevel"
     assert config.hypervisor.default_vcpus == 2  # the original is untouched
 
 
@@ -108,7 +116,73 @@ def test_permitted_annotations_apply() -> None:
 )
 def test_other_annotations_are_refused(key: str, value: str, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
-        apply_annotations(parse_config(SAMPLE), {key: value})
+        apply_annotations(parse_config(SAMPLE), {key: value}, HostLimits(cpus=8, memory_mib=16384))
+
+
+KERNEL_PARAMS = "io.katacontainers.config.hypervisor.kernel_params"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "init=/bin/sh",  # another init than the agent's
+        "rdinit=/bin/sh",
+        "mitigations=off",  # the operator's policy, not the pod's
+        "nokaslr",
+        "kata_py.debug_console=1",  # the agent's own settings come from the host only
+        "kata_py.runtime=runc",
+        "console=ttyS1",
+        "loglevel=7 panic=0",  # one bad parameter among good ones
+        'loglevel="7 init=/bin/sh"',  # quotes would regroup the command line
+        "loglevel=7\x00init=/bin/sh",
+        "loglevel=7;reboot",
+        "loglevel=" + "7" * 300,
+        "debug " * 200,  # too many
+    ],
+)
+def test_annotated_kernel_params_outside_the_allowlist_are_refused(value: str) -> None:
+    with pytest.raises(InvalidArgument, match="kernel parameter"):
+        apply_annotations(
+            parse_config(SAMPLE), {KERNEL_PARAMS: value}, HostLimits(cpus=8, memory_mib=16384)
+        )
+
+
+def test_annotated_vm_size_is_bounded_by_the_host() -> None:
+    config = parse_config(
+        "[hypervisor.qemu]\nenable_annotations = ['default_vcpus', 'default_memory']\n"
+    )
+    host = HostLimits(cpus=2, memory_mib=4096)
+    vcpus = "io.katacontainers.config.hypervisor.default_vcpus"
+    memory = "io.katacontainers.config.hypervisor.default_memory"
+    out = apply_annotations(config, {vcpus: "2", memory: "4096"}, host)
+    assert (out.hypervisor.default_vcpus, out.hypervisor.default_memory) == (2, 4096)
+    for key, value in ((vcpus, "3"), (memory, "4097"), (memory, "262144"), (memory, "64")):
+        with pytest.raises(InvalidArgument, match="out of range"):
+            apply_annotations(config, {key: value}, host)
+
+
+def test_host_limits_are_this_host() -> None:
+    host = HostLimits.probe()
+    assert host.cpus == len(os.sched_getaffinity(0))
+    assert host.memory_mib == os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20
+
+
+@pytest.mark.parametrize(
+    "params",
+    ["debug\\u0000init=/bin/sh", "debug\\ninit=/bin/sh", "debug\\rx", 'debug \\"a b', "x" * 2100],
+)
+def test_config_kernel_params_that_break_the_command_line_are_refused(params: str) -> None:
+    with pytest.raises(InvalidArgument, match="kernel_params"):
+        parse_config(f'[hypervisor.qemu]\nkernel_params = "{params}"\n')
+
+
+def test_guest_mitigations_stay_on_unless_turned_off() -> None:
+    assert Config().hypervisor.disable_guest_mitigations is False
+    assert Config().qemu(None).disable_mitigations is False
+    off = parse_config("[hypervisor.qemu]\ndisable_guest_mitigations = true\n")
+    assert off.qemu(None).disable_mitigations is True
+    with pytest.raises(InvalidArgument, match="true or false"):
+        parse_config("[hypervisor.qemu]\ndisable_guest_mitigations = 'yes'\n")
 
 
 def test_agent_settings_reach_the_kernel_command_line() -> None:

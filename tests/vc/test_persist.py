@@ -85,3 +85,11 @@ async def test_exclusive_lock_excludes_another_process(tmp_path: Path) -> None:
     with trio.fail_after(2):
         async with store.locked("pod1", exclusive=True):
             pass
+
+
+def test_states_without_start_times_still_load() -> None:
+    # Written before start times were recorded: 0, and the exact argv decides (procs.py).
+    raw = json.loads(_state().to_json())
+    del raw["qemu_start_time"], raw["virtiofsd_start_time"]
+    state = SandboxState.from_json(json.dumps(raw), "old")
+    assert (state.qemu_pid, state.qemu_start_time, state.virtiofsd_start_time) == (123, 0, 0)

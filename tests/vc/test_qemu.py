@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import uuid
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 import trio
 
 from shimv2.errdefs import FailedPrecondition, InvalidArgument
+from shimv2.vc.agent import connect_agent
+from shimv2.vc.console import CONSOLE_LIMIT
 from shimv2.vc.qemu import Qemu, QemuConfig
 from tests.leaks import vm_processes
 
@@ -37,6 +40,8 @@ async def test_launch_qmp_and_clean_shutdown(tmp_path: Path, nursery: trio.Nurse
         await vm.qmp.execute("cont")
         assert (await vm.qmp.execute("query-status"))["running"] is True
         assert vm_processes(vm.vm_id)  # QEMU and virtiofsd are really there
+        # QEMU runs under its seccomp filter (-sandbox on): mode 2, a filter.
+        assert "\nSeccomp:\t2\n" in Path(f"/proc/{vm.pid}/status").read_text()
     finally:
         await vm.shutdown()
     assert vm.exited
@@ -70,6 +75,15 @@ async def test_bad_config_fails_clearly_and_leaves_nothing(
     with pytest.raises(InvalidArgument, match="machine"):
         await vm.start(nursery)
     assert vm_processes(vm.vm_id) == []
+    # Whatever the caller: nothing that would split, cut or truncate the kernel command line.
+    for params in (("a\nb",), ("a\x00b",), ("",), ("a b",), ("x" * 2048,)):
+        vm = _vm(tmp_path, kernel_params=params)
+        try:
+            with pytest.raises(InvalidArgument, match="kernel"):
+                await vm.start(nursery)
+        finally:
+            await vm.shutdown()  # had it started
+    assert vm_processes(vm.vm_id) == []
 
 
 async def test_command_line_for_both_machines(tmp_path: Path) -> None:
@@ -83,6 +97,13 @@ async def test_command_line_for_both_machines(tmp_path: Path) -> None:
     assert "vhost-user-fs-pci" in q35
     assert "virtio-serial-pci" in q35
     assert "debug.console.0" not in micro
+    sandbox = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    for argv in (micro, q35):
+        assert f"-sandbox {sandbox}" in argv
+        assert "mitigations=off" not in argv  # the guest keeps its mitigations by default
+        assert "nokaslr" not in argv
+    fast = " ".join(_vm(tmp_path, disable_mitigations=True).argv())
+    assert "mitigations=off nokaslr" in fast
     console = _vm(tmp_path, debug_console=True)
     argv = " ".join(console.argv())
     assert f"socket,id=dbgcon,path={console.debug_console_path},server=on,wait=off" in argv
@@ -100,3 +121,97 @@ async def test_virtiofsd_death_ends_the_vm(tmp_path: Path, nursery: trio.Nursery
     finally:
         await vm.shutdown()
     assert vm_processes(vm.vm_id) == []
+
+
+async def _guest_shell(vm: Qemu, script: str, timeout: float = 120) -> bytes:
+    """Run ``script`` as root in the guest (its debug console); its output."""
+    stream = await trio.open_unix_socket(str(vm.debug_console_path))
+    async with stream:
+        # The guest starts a shell when the host first speaks; the marker is
+        # computed by the shell, so its echo of the command line cannot match.
+        await stream.send_all(f"\n{script}; echo END-$((6*7))\n".encode())
+        out = b""
+        with trio.fail_after(timeout):
+            while b"END-42" not in out:
+                out += await stream.receive_some(65536)
+    return out
+
+
+async def test_a_guest_flooding_its_console_stays_capped_on_the_host(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    vm = _vm(tmp_path, debug_console=True, kernel_params=("kata_py.debug_console=1",))
+    await vm.start(nursery)
+    try:
+        async with connect_agent(vm.agent_endpoint(), ready_timeout=90):
+            flood = 5 * CONSOLE_LIMIT // 2
+            await _guest_shell(
+                vm,
+                f"head -c {flood} /dev/zero | tr '\\0' x > /dev/ttyS0;"
+                " echo LAST-WORDS > /dev/ttyS0",
+            )
+        for _ in range(100):  # the relay may lag the guest a little
+            if b"LAST-WORDS" in vm.console_path.read_bytes():
+                break
+            await trio.sleep(0.1)
+        else:
+            pytest.fail("the guest's last words never reached console.log")
+        sizes = {p.name: p.stat().st_size for p in vm.run_dir.glob("console.log*")}
+        assert sizes.keys() == {"console.log", "console.log.1"}
+        assert all(size <= CONSOLE_LIMIT for size in sizes.values()), sizes
+        content = vm.console_path.read_bytes()
+        assert b"x" * 4096 in content  # what was kept is the newest output
+    finally:
+        await vm.shutdown()
+    assert vm_processes(vm.vm_id) == []
+    assert not vm.run_dir.exists()
+
+
+async def _console_shows(vm: Qemu, marker: bytes) -> bytes:
+    for _ in range(100):  # the relay may lag the guest a little
+        content = vm.console_path.read_bytes() if vm.console_path.exists() else b""
+        if marker in content:
+            return content
+        await trio.sleep(0.1)
+    pytest.fail(f"{marker!r} never reached console.log")
+
+
+async def test_the_console_is_kept_again_after_a_shim_restart(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    first = _vm(tmp_path, debug_console=True, kernel_params=("kata_py.debug_console=1",))
+    async with trio.open_nursery() as old_shim:
+        await first.start(old_shim)
+        async with connect_agent(first.agent_endpoint(), ready_timeout=90):
+            await _guest_shell(first, "echo BEFORE-RESTART > /dev/ttyS0")
+        await _console_shows(first, b"BEFORE-RESTART")
+        await first.qmp.aclose()
+        old_shim.cancel_scope.cancel()  # the shim dies; QEMU goes on
+    assert first.pid is not None
+    assert vm_processes(first.vm_id)
+    try:
+        vm = await Qemu.adopt(
+            first.vm_id,
+            first.config,
+            first.run_dir,
+            first.pid,
+            first.virtiofsd_pid or 0,
+            0,
+            nursery,
+            start_time=first.start_time,
+            virtiofsd_start_time=first.virtiofsd_start_time,
+        )
+    except BaseException:  # never leave the first VM behind
+        for pid in (first.pid, first.virtiofsd_pid):
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(first.run_dir, ignore_errors=True)
+        raise
+    try:
+        await _guest_shell(vm, "echo AFTER-RESTART > /dev/ttyS0")
+        content = await _console_shows(vm, b"AFTER-RESTART")
+        assert content.index(b"BEFORE-RESTART") < content.index(b"AFTER-RESTART")  # appended
+    finally:
+        await vm.shutdown()
+    assert vm_processes(vm.vm_id) == []
+    assert not vm.run_dir.exists()

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ from shimv2.vc.container import ContainerConfig
 from shimv2.vc.qemu import default_guest_dir
 from shimv2.vc.sandbox import SandboxConfig
 from tests.guest.rootfs import build_rootfs, make_spec
-from tests.leaks import vm_processes
+from tests.leaks import RecordingCgroups, cgroup_hierarchies, process_cgroups, vm_processes
 
 pytestmark = pytest.mark.vm
 
@@ -36,13 +38,26 @@ def _mounts_under(path: str) -> list[str]:
 
 
 @pytest.fixture
-def state_dir() -> Any:
+def host_cgroups() -> RecordingCgroups:
+    """The real host cgroups; what the test's sandboxes made is checked afterwards."""
+    return RecordingCgroups()
+
+
+@pytest.fixture
+def state_dir(host_cgroups: RecordingCgroups) -> Any:
     # Short: VM socket paths live under it and must stay under 108 bytes.
     path = f"/run/kpy-{uuid.uuid4().hex[:8]}"
     yield path
     leaks = vm_processes(path) + vm_processes("kata-py-sb")
     for leak in leaks:  # assert below, but never leave them to the next test
         os.kill(int(leak.split(":")[0]), signal.SIGKILL)
+    for state in Path(path).glob("sbs/*/state.json"):  # also a subprocess's sandboxes
+        host_cgroups.made += json.loads(state.read_text()).get("cgroup_dirs", [])
+    cgroups_left = host_cgroups.left()
+    deadline = time.monotonic() + 5
+    # Only what this test made, once the killed VMs are gone.
+    while host_cgroups.remove_now(host_cgroups.made) and time.monotonic() < deadline:
+        time.sleep(0.05)
     mounts = _mounts_under(path)
     for m in reversed(mounts):
         subprocess.run(["umount", "-l", m], check=False)
@@ -51,12 +66,15 @@ def state_dir() -> Any:
     assert leaks == []
     assert mounts == []
     assert left == []
+    assert cgroups_left == []
 
 
 @pytest.fixture
-async def vc(state_dir: str, nursery: trio.Nursery) -> VirtContainers:
+async def vc(
+    state_dir: str, nursery: trio.Nursery, host_cgroups: RecordingCgroups
+) -> VirtContainers:
     config = Config(runtime=RuntimeConfig(state_dir=state_dir))
-    return VirtContainers(nursery, config)
+    return VirtContainers(nursery, config, cgroups=host_cgroups)
 
 
 def container(tmp_path: Path, cid: str, args: list[str]) -> ContainerConfig:
@@ -172,6 +190,7 @@ async def test_rollback_leaves_nothing(
     with pytest.raises(expected):
         await vc.create_sandbox(SandboxConfig(id=s, netns=netns, containers=(cc,)))
     assert vm_processes(state_dir) == []
+    assert [h for h in cgroup_hierarchies() if (h / "kata-py" / s).exists()] == []
     assert not os.path.exists(f"{state_dir}/sbs/{s}")
     assert not os.path.exists(f"{state_dir}/vm/{s}")
     assert await vc.list_sandbox() == []
@@ -257,8 +276,11 @@ async def test_fetch_from_another_process_after_the_owner_died(
     # The agent answers the new process on the same VM.
     assert b"sleep" in await vc.process_list_container(s, "c", "table")
     assert (await vc.status_container(s, "c")).state == "running"
+    assert process_cgroups(sandbox.state.qemu_pid)["memory"] == f"/kata-py/{s}"
     await vc.stop_sandbox(s)
     await vc.delete_sandbox(s)
+    # Made by the dead owner, removed by this process from the state alone.
+    assert [h for h in cgroup_hierarchies() if (h / "kata-py" / s).exists()] == []
 
 
 async def test_pause_and_resume_sandbox(vc: VirtContainers, tmp_path: Path) -> None:
@@ -511,3 +533,57 @@ async def test_bind_mounts_of_host_paths_reach_the_container(
     assert not (conf / "x").exists()
     await vc.stop_sandbox(s)
     await vc.delete_sandbox(s)  # the state_dir fixture checks that no mount is left
+
+
+def _status_bytes(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")
+
+
+def _memory_charged(path: str) -> int:
+    """What the cgroup ``path`` is charged for memory (v1 or v2)."""
+    (h,) = [h for h in cgroup_hierarchies() if h.name in ("memory", "cgroup")]
+    name = "memory.current" if h.name == "cgroup" else "memory.usage_in_bytes"
+    return int((h / path.lstrip("/") / name).read_text())
+
+
+async def test_qemu_and_virtiofsd_are_charged_to_the_pod_cgroup(
+    vc: VirtContainers, tmp_path: Path, host_cgroups: RecordingCgroups
+) -> None:
+    s = sid()
+    top = f"kpy-test-{uuid.uuid4().hex[:6]}"
+    path = f"/{top}/pod/{s}"  # as CRI's pause container: the pod's cgroup, then the sandbox id
+    cc = container(tmp_path, "c", ["sleep", "1000"])
+    sandbox = await vc.run_sandbox(SandboxConfig(id=s, containers=(cc,), cgroups_path=path))
+    vm = sandbox.vm
+    assert vm is not None
+    assert vm.pid is not None
+    assert vm.virtiofsd_pid is not None
+    hierarchies = cgroup_hierarchies()
+    names = ["" if h.name == "cgroup" else h.name for h in hierarchies]  # "" = v2
+    assert "memory" in names or names == [""]
+    for pid in (vm.pid, vm.virtiofsd_pid):
+        joined = process_cgroups(pid)
+        assert {n: joined[n] for n in names} == dict.fromkeys(names, path), pid
+    # The exec left each its own command line, which pid identity checks read.
+    qemu_argv = Path(f"/proc/{vm.pid}/cmdline").read_bytes().split(b"\0")
+    assert qemu_argv[0] == vm.config.binary.encode()
+    assert f"kata-py-{s}".encode() in qemu_argv
+    virtiofsd_argv = Path(f"/proc/{vm.virtiofsd_pid}/cmdline").read_bytes().split(b"\0")
+    assert virtiofsd_argv[0] == vm.config.virtiofsd.encode()
+    # Charged from the first page: the guest's RAM (shared memfd) and QEMU's own
+    # memory are all in the pod's cgroup, none left behind in the shim's.
+    guest_ram = _status_bytes(vm.pid, "RssShmem")
+    resident = guest_ram + _status_bytes(vm.pid, "RssAnon")
+    assert guest_ram > 32 << 20
+    assert _memory_charged(path) >= resident * 0.95
+    recorded = vc.store.load(s)
+    assert recorded.cgroup_path == path
+    assert recorded.cgroup_dirs == host_cgroups.made
+    assert len(recorded.cgroup_dirs) == 3 * len(hierarchies)  # top, pod, sandbox: all ours
+
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)
+    assert [h for h in hierarchies if (h / top).exists()] == []

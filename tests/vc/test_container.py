@@ -1,0 +1,185 @@
+"""container.py against a hostile guest agent (a fake one on a unix socket; no VM).
+
+Every reply is the guest's word: statuses, lengths and lists are checked
+before the host uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import pytest
+import trio
+from google.protobuf.empty_pb2 import Empty
+from google.protobuf.message import Message
+
+from shimv2.errdefs import AlreadyExists, FailedPrecondition, Internal, NotFound
+from shimv2.pb.kata import agent_pb2
+from shimv2.vc.container import VM_GONE_STATUS, Container, guest_pids
+from shimv2.vc.testing import FakePod, RawReply, scripted
+
+PROCESS = {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
+
+
+def c1(pod: FakePod) -> Container:
+    return pod.sandbox.container("c1")
+
+
+def answer(reply: Message) -> Any:
+    async def handler(request: Any) -> Message:
+        return reply
+
+    return handler
+
+
+@pytest.mark.parametrize("status", [-1, 256, 2**31 - 1, -(2**31)])
+async def test_an_absurd_exit_status_is_not_trusted(
+    pod: FakePod, status: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    # containerd's exit_status is a uint32: a negative one would not even encode.
+    pod.agent.replies["WaitProcess"] = answer(agent_pb2.WaitProcessResponse(status=status))
+    container = c1(pod)
+    with trio.fail_after(5):
+        await container.watch_init()
+        assert await container.wait() == VM_GONE_STATUS
+    assert container.state.exit_status == VM_GONE_STATUS
+    assert "exit status" in caplog.text
+
+
+async def test_a_wait_that_fails_or_does_not_decode_ends_the_process(pod: FakePod) -> None:
+    pod.agent.replies["WaitProcess"] = scripted(RawReply(b"\x08").as_message())  # truncated
+    with trio.fail_after(5):
+        await c1(pod).watch_init()
+        assert await c1(pod).wait() == VM_GONE_STATUS
+
+
+async def test_exec_status_is_checked_too(pod: FakePod) -> None:
+    pod.agent.replies["ExecProcess"] = answer(Empty())
+    pod.agent.replies["WaitProcess"] = answer(agent_pb2.WaitProcessResponse(status=-9))
+    await c1(pod).enter("e1", PROCESS)
+    with trio.fail_after(5):
+        assert await c1(pod).wait_exec("e1") == VM_GONE_STATUS
+
+
+async def test_execs_are_forgotten_once_deleted(pod: FakePod) -> None:
+    release = trio.Event()
+
+    async def wait(request: agent_pb2.WaitProcessRequest) -> Message:
+        await release.wait()
+        return agent_pb2.WaitProcessResponse(status=3)
+
+    pod.agent.replies["ExecProcess"] = answer(Empty())
+    pod.agent.replies["WaitProcess"] = wait
+    container = c1(pod)
+    await container.enter("e1", PROCESS)
+    with pytest.raises(FailedPrecondition, match="running"):
+        container.delete_exec("e1")  # still running
+    release.set()
+    with trio.fail_after(5):
+        assert await container.wait_exec("e1") == 3
+    container.delete_exec("e1")
+    assert container.execs == {}
+    with pytest.raises(NotFound):
+        await container.wait_exec("e1")
+    container.delete_exec("never-started")  # an exec the guest never ran: nothing to do
+    # The id can be used again, and many execs leave nothing behind.
+    for _ in range(50):
+        await container.enter("e1", PROCESS)
+        with trio.fail_after(5):
+            assert await container.wait_exec("e1") == 3
+        container.delete_exec("e1")
+    assert container.execs == {}
+    await container.enter("e2", PROCESS)
+    with pytest.raises(AlreadyExists):
+        await container.enter("e2", PROCESS)
+
+
+async def test_a_late_wait_never_touches_a_reused_exec_id(pod: FakePod) -> None:
+    first_fails = trio.Event()
+    calls = 0
+
+    async def wait(request: agent_pb2.WaitProcessRequest) -> Message:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await first_fails.wait()
+            raise Internal("the guest lies late")
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    pod.agent.replies["ExecProcess"] = answer(Empty())
+    pod.agent.replies["WaitProcess"] = wait
+    container = c1(pod)
+    await container.enter("e1", PROCESS)
+    container.vm_lost()  # every process ends, the first WaitProcess still pending
+    assert await container.wait_exec("e1") == VM_GONE_STATUS
+    container.delete_exec("e1")
+    container.state.state = "running"  # as if it had been a lost connection, not a VM
+    await container.enter("e1", PROCESS)
+    with trio.fail_after(5):
+        await pod.agent.wait_calls("WaitProcess", 2)
+    first_fails.set()
+    await trio.sleep(0.2)
+    assert not container.execs["e1"].event.is_set()  # the new e1 still runs
+
+
+async def test_read_refuses_more_than_asked(pod: FakePod) -> None:
+    pod.agent.replies["ReadStdout"] = answer(agent_pb2.ReadStreamResponse(data=b"x" * 100_000))
+    with pytest.raises(Internal, match="100000 bytes"):
+        await c1(pod).read_stdout("", 64)
+
+
+async def test_write_refuses_a_count_beyond_what_was_sent(pod: FakePod) -> None:
+    pod.agent.replies["WriteStdin"] = answer(agent_pb2.WriteStreamResponse(len=2**32 - 1))
+    with pytest.raises(Internal, match="wrote"):
+        await c1(pod).write_stdin("", b"abc")
+    pod.agent.replies["WriteStdin"] = answer(agent_pb2.WriteStreamResponse(len=2))
+    assert await c1(pod).write_stdin("", b"abc") == 2
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"[1, -5]",
+        b"[0]",
+        b"[4194305]",
+        b"[1e400]",
+        b'["7"]',
+        b"[true]",
+        b"[[1]]",
+        b'{"1": 2}',
+        b"[" * 100_000 + b"]" * 100_000,  # deep enough to overflow json's recursion
+        b"[" + b"1," * 70_000 + b"1]",
+        b"9" * 5000,
+        b"\xff",
+    ],
+)
+def test_guest_pids_refuses_absurd_lists(raw: bytes) -> None:
+    with pytest.raises(Internal, match="process list"):
+        guest_pids(raw, "c1")
+
+
+def test_guest_pids_reads_a_sane_list() -> None:
+    assert guest_pids(b"[1, 7, 4194304]", "c1") == [1, 7, 4194304]
+    assert guest_pids(b"", "c1") == []
+
+
+async def test_process_list_pids_goes_through_the_check(pod: FakePod) -> None:
+    pids = json.dumps([1, -1]).encode()
+    pod.agent.replies["ListProcesses"] = answer(agent_pb2.ListProcessesResponse(process_list=pids))
+    with pytest.raises(Internal):
+        await c1(pod).process_list_pids()
+
+
+async def test_an_oom_watcher_and_exec_waits_log_garbage_not_crash(
+    pod: FakePod, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    pod.agent.replies["ExecProcess"] = answer(Empty())
+    pod.agent.replies["WaitProcess"] = scripted(RawReply(b"\xff\xff").as_message())
+    await c1(pod).enter("e1", PROCESS)
+    with trio.fail_after(5):
+        assert await c1(pod).wait_exec("e1") == VM_GONE_STATUS
+    assert "e1" in caplog.text
