@@ -17,6 +17,18 @@ from shimv2.pb.kata import agent_pb2
 from shimv2.vc.testing import FakePod, RawReply, scripted
 
 
+def start_watch_oom(nursery: trio.Nursery, pod: FakePod) -> trio.Event:
+    """Run the sandbox's OOM watcher; the event is set when it returns."""
+    done = trio.Event()
+
+    async def watch() -> None:
+        await pod.sandbox.watch_oom()
+        done.set()
+
+    nursery.start_soon(watch)
+    return done
+
+
 async def test_watch_oom_survives_error_statuses_and_garbage(pod: FakePod) -> None:
     pod.agent.replies["GetOOMEvent"] = scripted(
         Internal("boom"),
@@ -52,13 +64,7 @@ async def test_watch_oom_stops_at_once_when_the_vm_is_gone(pod: FakePod) -> None
 
     pod.agent.replies["GetOOMEvent"] = fail
     async with trio.open_nursery() as nursery:
-        done = trio.Event()
-
-        async def watch() -> None:
-            await pod.sandbox.watch_oom()
-            done.set()
-
-        nursery.start_soon(watch)
+        done = start_watch_oom(nursery, pod)
         await trio.sleep(1.5)  # the backoff has grown
         pod.sandbox.vm_gone = True
         pod.sandbox.vm_exited.set()
@@ -75,13 +81,7 @@ async def test_watch_oom_rate_limits_a_flood(
     pod.agent.replies["GetOOMEvent"] = flood
     caplog.set_level(logging.INFO)
     async with trio.open_nursery() as nursery:
-        done = trio.Event()
-
-        async def watch() -> None:
-            await pod.sandbox.watch_oom()
-            done.set()
-
-        nursery.start_soon(watch)
+        done = start_watch_oom(nursery, pod)
         await trio.sleep(2.0)
         pod.agent.disconnect()  # the VM went away: the watcher ends
         with trio.fail_after(5):
