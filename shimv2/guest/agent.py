@@ -13,15 +13,14 @@ Only a channel that cannot be opened is fatal (exit status 1).
 
 from __future__ import annotations
 
-import argparse
+import gc
 import importlib
 import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, NamedTuple, TextIO
 
 import trio
 
@@ -42,8 +41,8 @@ CHANNELS = ("auto", "serial", "vsock")
 DEFAULT_STATE_DIR = "/run/kata-py/containers"
 
 
-@dataclass
-class Options:
+# NamedTuples, not dataclasses: under TCG each dataclass costs the agent's start ~10 ms.
+class Options(NamedTuple):
     channel: str = "auto"
     port: str | None = None  # the serial port's device; found via /sys when None
     vsock_port: int = ch.VSOCK_PORT
@@ -80,24 +79,32 @@ def parse_options(
 ) -> Options:
     """Kernel command line first, then ``argv`` overrides it."""
     kv = parse_cmdline(cmdline)
-    opts = Options()
+    given: dict[str, Any] = {}
     if kv.get("channel") in CHANNELS:
-        opts.channel = kv["channel"]
+        given["channel"] = kv["channel"]
     elif "channel" in kv:
         log.warning("ignoring kata_py.channel=%s (want one of %s)", kv["channel"], CHANNELS)
-    opts.port = kv.get("port") or None
+    given["port"] = kv.get("port") or None
     if kv.get("vsock_port", "").isdigit():
-        opts.vsock_port = int(kv["vsock_port"])
+        given["vsock_port"] = int(kv["vsock_port"])
     if kv.get("runtime") in ("crun", "runc"):
-        opts.runtime = kv["runtime"]
-    opts.debug = _truthy(kv.get("debug"))
-    opts.debug_console = _truthy(kv.get("debug_console"))
+        given["runtime"] = kv["runtime"]
+    given["debug"] = _truthy(kv.get("debug"))
+    given["debug_console"] = _truthy(kv.get("debug_console"))
     pid = os.getpid() if pid is None else pid
     ppid = os.getppid() if ppid is None else ppid
     # PID 1, or a child of the guest's own init (only the guest image has the module list).
-    opts.guest_setup = (
+    given["guest_setup"] = (
         pid == 1 or _truthy(kv.get("guest_setup")) or (ppid == 1 and os.path.exists(modules_list))
     )
+    if argv:  # the guest's init passes none: argparse is not worth importing then
+        given.update(_argv_options(argv))
+    return Options(**given)
+
+
+def _argv_options(argv: Sequence[str]) -> dict[str, Any]:
+    """The options ``argv`` sets."""
+    import argparse
 
     parser = argparse.ArgumentParser(prog="python -m shimv2.guest")
     parser.add_argument("--channel", choices=CHANNELS)
@@ -110,11 +117,8 @@ def parse_options(
     setup.add_argument("--guest-setup", action="store_true", default=None)
     setup.add_argument("--no-guest-setup", dest="guest_setup", action="store_false")
     args = parser.parse_args(list(argv))
-    for name in ("channel", "port", "vsock_port", "runtime", "debug", "guest_setup", "state_dir"):
-        value = getattr(args, name)
-        if value is not None:
-            setattr(opts, name, value)
-    return opts
+    names = ("channel", "port", "vsock_port", "runtime", "debug", "guest_setup", "state_dir")
+    return {name: getattr(args, name) for name in names if getattr(args, name) is not None}
 
 
 def make_reaper() -> Any | None:
@@ -173,8 +177,7 @@ def agent_service(*impls: object) -> Service:
     return Service(AGENT_SERVICE.full_name, methods)
 
 
-@dataclass
-class Agent:
+class Agent(NamedTuple):
     server: Server
     sandbox: SandboxService
     network: NetworkService
@@ -306,6 +309,9 @@ async def run(options: Options, out: TextIO) -> None:
     def ready(where: str) -> None:
         log.info("serving on %s", where)
         print(f"{READY_LINE} uptime={uptime()}", file=out, flush=True)
+        if not gc.isenabled():  # off since ``__main__``; later passes skip startup's objects
+            gc.freeze()
+            gc.enable()
 
     async with trio.open_nursery() as nursery:
         # The reaper (waitpid(-1)) must run before any rpc spawns a process; the container

@@ -32,24 +32,22 @@ import re
 import signal
 import socket
 import stat
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 from typing import Any as AnyT
 
-from google.protobuf.any_pb2 import Any
-from google.protobuf.message import DecodeError
-
 from shimv2.errdefs import AlreadyExists, InvalidArgument
-from shimv2.pb.containerd.runtime.bootstrap.v1.bootstrap_pb2 import (
-    BootstrapParams,
-    BootstrapResult,
-)
-from shimv2.pb.containerd.types.runtimeoptions.v1.api_pb2 import Options
 from shimv2.shim.flags import Flags
 from shimv2.shim.logging import LOG_FIFO, open_log_fifo
+
+if TYPE_CHECKING:
+    # protobuf (~20 ms) only when containerd sent something on stdin: ``ctr`` on
+    # containerd 1.x sends nothing and reads a plain address.
+    from google.protobuf.any_pb2 import Any
+
+    from shimv2.pb.containerd.runtime.bootstrap.v1.bootstrap_pb2 import BootstrapParams
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +78,7 @@ def default_entry() -> list[str]:
     return [sys.executable, "-P", "-m", "shimv2.shim"]
 
 
-@dataclass(frozen=True, slots=True)
-class StartInput:
+class StartInput(NamedTuple):
     """What ``start`` read on stdin."""
 
     params: BootstrapParams | None = None  # containerd 2.3+
@@ -97,6 +94,11 @@ def decode_stdin(data: bytes, flags: Flags) -> StartInput:
     """
     if not data:
         return StartInput()
+    from google.protobuf.any_pb2 import Any
+    from google.protobuf.message import DecodeError
+
+    from shimv2.pb.containerd.runtime.bootstrap.v1.bootstrap_pb2 import BootstrapParams
+
     with contextlib.suppress(DecodeError):
         params = BootstrapParams.FromString(data)
         if flags.id and params.instance_id == flags.id and params.namespace == flags.namespace:
@@ -113,6 +115,10 @@ def config_path_from(options: Any | None) -> str:
     """The kata-py configuration file named in CRI's runtime options, if any."""
     if options is None or not options.type_url.endswith(RUNTIME_OPTIONS):
         return ""
+    from google.protobuf.message import DecodeError
+
+    from shimv2.pb.containerd.types.runtimeoptions.v1.api_pb2 import Options
+
     try:
         return Options.FromString(options.value).config_path
     except DecodeError:
@@ -202,6 +208,8 @@ def containerd_version(binary: str, timeout: float = VERSION_TIMEOUT) -> tuple[i
     """(major, minor) from ``<binary> --version``; None if it cannot tell in time."""
     if not binary:
         return None
+    import subprocess
+
     try:
         out = subprocess.run(
             [binary, "--version"],
@@ -226,6 +234,8 @@ def containerd_version(binary: str, timeout: float = VERSION_TIMEOUT) -> tuple[i
 def reply(address: str, params: BootstrapParams | None, version: tuple[int, int] | None) -> bytes:
     """What ``start`` prints: see the module docstring."""
     if params is not None:
+        from shimv2.pb.containerd.runtime.bootstrap.v1.bootstrap_pb2 import BootstrapResult
+
         result = BootstrapResult(version=TASK_API_VERSION, address=address, protocol="ttrpc")
         return result.SerializeToString()
     if version is not None and version >= (2, 0):

@@ -18,6 +18,7 @@ import logging
 import os
 import stat
 import time
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -26,10 +27,15 @@ from shimv2.pb.containerd.runtime.task.v2.shim_pb2 import DeleteResponse
 from shimv2.shim.bootstrap import SANDBOX_ID, can_connect, read_annotations, socket_path
 from shimv2.shim.flags import Flags
 from shimv2.shim.metrics import monitor_socket
-from shimv2.vc.api import VirtContainers
-from shimv2.vc.config import Config
+from shimv2.vc.config import Config, load_config
 from shimv2.vc.ids import sandbox_id
+from shimv2.vc.persist import Store
 from shimv2.vc.storage import remove_container_dir, unmount_all
+
+if TYPE_CHECKING:
+    # The whole of virtcontainers (QEMU, network, agent): imported only when a
+    # sandbox has state left to clean, not by every ``delete``.
+    from shimv2.vc.api import VirtContainers
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +118,22 @@ async def clean(flags: Flags, bundle: str, config: Config | None = None) -> None
     async with trio.open_nursery() as nursery:
         state_dir = None
         try:
-            vc = VirtContainers(nursery, config)
-            state_dir = vc.config.runtime.state_dir
-            if sid not in vc.store.list():
+            config = config or load_config()
+            state_dir = config.runtime.state_dir
+            store = Store(state_dir)
+            if sid not in store.list():
                 log.debug("delete %s: no kata-py state for sandbox %s", cid, sid)
             elif _shim_alive(flags, sid):
                 log.warning("delete %s: the shim of sandbox %s is alive; leaving it", cid, sid)
-            elif cid == sid or await _forget_container(vc, sid, cid):
-                log.info("delete %s: cleaning up sandbox %s", cid, sid)
-                await vc.cleanup_sandbox(sid)
+            else:
+                from shimv2.vc.api import VirtContainers
+                from shimv2.vc.tracing import NoTracer
+
+                # NoTracer: nothing in this process sets up a provider to export spans to.
+                vc = VirtContainers(nursery, config, store=store, tracer=NoTracer())
+                if cid == sid or await _forget_container(vc, sid, cid):
+                    log.info("delete %s: cleaning up sandbox %s", cid, sid)
+                    await vc.cleanup_sandbox(sid)
         except Exception:
             log.exception("delete %s: cleaning up sandbox %s failed", cid, sid)
         _remove_dead_socket(_shim_socket(flags, sid))

@@ -22,11 +22,15 @@ import socket
 import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import h11
 import trio
 
 from shimv2.errdefs import Unavailable
+
+if TYPE_CHECKING:
+    # Imported where a request is read or sent: a shim nobody scrapes never loads it.
+    import h11
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +151,8 @@ class ShimMetrics:
 
 def fetch_metrics(path: str, timeout: float = REQUEST_TIMEOUT) -> str:
     """``GET /metrics`` from a shim's monitor socket (blocking: for the CLI)."""
+    import h11
+
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect(path)
@@ -215,6 +221,8 @@ async def serve_metrics(
 
 
 async def _answer(stream: trio.SocketStream, metrics: ShimMetrics) -> None:
+    import h11
+
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     async with stream:
         with trio.move_on_after(REQUEST_TIMEOUT):
@@ -244,6 +252,8 @@ async def _linger(stream: trio.SocketStream) -> None:
 
 
 async def _read_request(stream: trio.SocketStream, conn: h11.Connection) -> h11.Request | None:
+    import h11
+
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -261,6 +271,8 @@ async def _respond(
     body: str,
     content_type: str = "text/plain; charset=utf-8",
 ) -> None:
+    import h11
+
     data = body.encode()
     headers = [
         ("Content-Type", content_type),

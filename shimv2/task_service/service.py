@@ -50,7 +50,6 @@ from shimv2.pb.containerd.types import mount_pb2
 from shimv2.pb.containerd.types.task import task_pb2
 from shimv2.pb.kata import agent_pb2
 from shimv2.task_service.process import Process, State, Verb
-from shimv2.task_service.stats import host_is_cgroup_v2, metrics_any
 from shimv2.task_service.stdio import AgentStreams, ProcessIO, StdioConfig
 from shimv2.ttrpc import CallContext, Method, Service
 from shimv2.vc.container import ContainerConfig, ContainerStatus, guest_pids
@@ -561,6 +560,9 @@ class TaskService:
     async def Stats(self, ctx: CallContext, req: shim_v2.StatsRequest) -> shim_v2.StatsResponse:
         task = self._task(req.id)
         stats = await self._vc.stats_container(task.sandbox_id, task.id)
+        # The cgroups Metrics messages (~2 MiB) only in a shim that is asked for stats.
+        from shimv2.task_service.stats import host_is_cgroup_v2, metrics_any
+
         return shim_v2.StatsResponse(stats=metrics_any(stats, cgroup_v2=host_is_cgroup_v2()))
 
     async def Connect(

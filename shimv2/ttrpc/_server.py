@@ -12,8 +12,8 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from types import MappingProxyType
+from typing import Any, NamedTuple, Protocol
 
 import trio
 from google.protobuf.descriptor import ServiceDescriptor
@@ -42,8 +42,8 @@ MAX_IN_FLIGHT = 1024
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
-@dataclass(frozen=True, slots=True)
-class CallContext:
+# NamedTuples, not dataclasses: see _codec.RequestReceived.
+class CallContext(NamedTuple):
     """What a handler knows about its call besides the request message."""
 
     service: str
@@ -61,16 +61,14 @@ class CallContext:
 Handler = Callable[[CallContext, Any], Awaitable[Message]]
 
 
-@dataclass(frozen=True, slots=True)
-class Method:
+class Method(NamedTuple):
     request_type: type[Message]
     handler: Handler
 
 
-@dataclass(frozen=True, slots=True)
-class Service:
+class Service(NamedTuple):
     name: str
-    methods: Mapping[str, Method] = field(default_factory=dict)
+    methods: Mapping[str, Method] = MappingProxyType({})
 
     @classmethod
     def from_descriptor(cls, descriptor: ServiceDescriptor, impl: object) -> Service:

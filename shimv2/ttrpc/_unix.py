@@ -11,7 +11,7 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import trio
 
@@ -20,8 +20,7 @@ _UCRED = struct.Struct("3i")
 MAX_PATH = 107
 
 
-@dataclass(frozen=True, slots=True)
-class PeerCredentials:
+class PeerCredentials(NamedTuple):  # not a dataclass: see _codec.RequestReceived
     pid: int
     uid: int
     gid: int

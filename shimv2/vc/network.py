@@ -35,11 +35,9 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
 from shimv2.errdefs import (
     DeadlineExceeded,
@@ -50,6 +48,10 @@ from shimv2.errdefs import (
     NotFound,
 )
 from shimv2.pb.kata import types_pb2
+
+if TYPE_CHECKING:
+    # pyroute2 costs ~20 MiB and 90 ms: imported at run time only when a pod has a netns.
+    from pyroute2.netlink.exceptions import NetlinkError
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +333,8 @@ def _netlink_error(what: str, exc: NetlinkError) -> Error:
 
 
 def _ipr() -> Any:
+    from pyroute2 import IPRoute
+
     # groups=0: no multicast subscription, so no events pile up unread.
     return IPRoute(groups=0)
 
@@ -467,6 +471,8 @@ def _open_tap(name: str) -> int:
 
 
 def _attach_here(endpoint: Endpoint, tap: str) -> int:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     with _ipr() as ipr:
         veth = _link_index(ipr, endpoint.name)
         if veth is None:
@@ -528,6 +534,8 @@ def _link_index(ipr: Any, name: str) -> int | None:
 
 def _del_ingress(ipr: Any, index: int, name: str) -> None:
     """Delete the ingress qdisc of ``index``; its filters go with it."""
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         ipr.tc("del", "ingress", index, INGRESS_PARENT)
     except NetlinkError as exc:
@@ -536,6 +544,8 @@ def _del_ingress(ipr: Any, index: int, name: str) -> None:
 
 
 def _del_link(ipr: Any, name: str) -> None:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     index = _link_index(ipr, name)
     if index is None:
         return
@@ -594,6 +604,8 @@ def _teardown_here(tap: str, veth: str) -> None:
 
 
 def _redirects_to(ipr: Any, index: int, tap_index: int | None) -> bool:
+    from pyroute2.netlink.exceptions import NetlinkError
+
     try:
         filters = ipr.get_filters(index=index, parent=INGRESS_PARENT)
     except NetlinkError as exc:
