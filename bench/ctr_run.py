@@ -14,42 +14,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
 import uuid
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from tests.e2e.conftest import IMAGE, Containerd  # noqa: E402
-
-
-def runtimes(containerd: str) -> dict[str, str]:
-    """kata-py and the runc shim of the same release as ``containerd`` where one is beside it.
-
-    Debian's runc shim (1.6) cannot read containerd 2.3+'s BootstrapParams;
-    scripts/build-containerd puts each release's own shim next to its binary,
-    and containerd accepts a shim's absolute path as the runtime name.
-    """
-    beside = Path(containerd).resolve().parent / "containerd-shim-runc-v2"
-    runc = str(beside) if beside.exists() else "io.containerd.runc.v2"
-    return {"kata-py": "io.containerd.kata-py.v2", "runc": runc}
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+# bench/ is sys.path[0] when a script here runs.
+from _common import (
+    IMAGE,
+    Containerd,
+    private_containerd,
+    processes,
+    remove_task,
+    rss_mib,
+    runtimes,
+)
 
 
 def pids_matching(pattern: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+    return [p.pid for p in processes().values() if pattern in " ".join(p.argv)]
 
 
 def timed_run(cd: Containerd, runtime: str) -> float:
@@ -75,13 +59,7 @@ def memory(cd: Containerd, runtime: dict[str, str]) -> dict[str, float]:
         }
     finally:
         for name in (kata, runc):
-            cd.ctr("task", "kill", "-s", "SIGKILL", name, check=False)
-        for name in (kata, runc):
-            for _ in range(100):
-                if cd.ctr("task", "rm", name, check=False).returncode == 0:
-                    break
-                time.sleep(0.2)
-            cd.ctr("containers", "rm", name, check=False)
+            remove_task(cd, name)
 
 
 def main() -> int:
@@ -91,26 +69,13 @@ def main() -> int:
     parser.add_argument("--ctr", default="/usr/bin/ctr")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    os.environ["PATH"] = f"/usr/local/bin:{os.environ.get('PATH', '')}"
-    base = Path(f"/run/kpy-bench-{uuid.uuid4().hex[:6]}")
-    base.mkdir()
-    cd = Containerd(args.containerd, args.ctr, base)
-    cd.start()
-    try:
-        subprocess.run(
-            [str(ROOT / "scripts" / "busybox-image"), str(base / "bb.tar"), IMAGE], check=True
-        )
-        cd.ctr("images", "import", str(base / "bb.tar"))
+    with private_containerd(args.containerd, args.ctr) as cd:
         runtime = runtimes(args.containerd)
         times: dict[str, list[float]] = {name: [] for name in runtime}
         for _ in range(args.n):
             for name, path in runtime.items():
                 times[name].append(timed_run(cd, path))
         mem = memory(cd, runtime)
-    finally:
-        cd.stop()
-        subprocess.run(["umount", "-R", str(base / "root")], check=False, capture_output=True)
-        subprocess.run(["rm", "-rf", str(base)], check=False)
     medians = {name: statistics.median(t) for name, t in times.items()}
     result = {
         "n": args.n,

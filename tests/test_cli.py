@@ -48,6 +48,23 @@ def test_check_passes_on_this_host(capsys: pytest.CaptureFixture[str]) -> None:
     assert "FAIL" not in out
 
 
+def test_check_says_whether_ksm_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ksm = tmp_path / "ksm"
+    assert cli.ksm_status(False, ksm) == "not in this kernel; enable_ksm = false"
+    ksm.mkdir()
+    (ksm / "run").write_text("0\n")
+    assert cli.ksm_status(True, ksm) == "not running (run = 0); enable_ksm = true"
+    (ksm / "run").write_text("1\n")
+    (ksm / "pages_sharing").write_text("42\n")
+    assert cli.ksm_status(False, ksm) == "running, 42 pages sharing; enable_ksm = false"
+    config = tmp_path / "c.toml"
+    config.write_text("[hypervisor.qemu]\nenable_ksm = true\n")
+    cli.main(["--config", str(config), "check"])
+    line = next(x for x in capsys.readouterr().out.splitlines() if " ksm " in x)
+    assert line.startswith("ok ")
+    assert line.endswith("enable_ksm = true")
+
+
 def test_check_fails_clearly_with_a_bad_hypervisor(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

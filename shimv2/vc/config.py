@@ -14,14 +14,13 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from shimv2.errdefs import InvalidArgument
-from shimv2.vc.qemu import QemuConfig, default_guest_dir
+from shimv2.vc.qemu import DEFAULT_MEMORY_MIB, TCG_TB_SIZE_MIB, QemuConfig, default_guest_dir
 from shimv2.vc.virtiofsd import VIRTIOFSD
 
 DEFAULT_PATH = Path("/etc/kata-py/configuration.toml")
@@ -39,6 +38,12 @@ ANNOTATABLE_KERNEL_PARAMS = frozenset({
 })  # fmt: skip
 ANNOTATED_PARAM = re.compile(r"([a-z0-9_.]+)(?:=([A-Za-z0-9_.,:+-]{1,64}))?")
 ANNOTATED_PARAMS_MAX = 256  # characters, all of a pod's kernel_params together
+# containerd's CRI on the pod's sandbox container: the sum of its containers'
+# memory limits in bytes ("0" when none has one), as kubelet states them.
+SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"
+# MiB a guest needs beside its containers: the kernel keeps ~40 MiB of a small
+# VM for itself, its slab, the agent and crun use ~65 MiB (measured, 128-512 MiB).
+GUEST_OVERHEAD_MIB = 128
 # Room for the operator's parameters within the guest's 2048-byte command line,
 # after ours (see shimv2.vc.qemu).
 CONFIG_PARAMS_MAX = 1024
@@ -61,11 +66,17 @@ class HostLimits:
 class HypervisorConfig:
     path: str = "qemu-system-x86_64"
     kernel: str = field(default_factory=lambda: str(default_guest_dir() / "vmlinux"))
-    initrd: str = field(default_factory=lambda: str(default_guest_dir() / "initrd.img"))
+    # The guest root as Kata's: a read-only image mapped with DAX (one copy in the
+    # host's page cache for all VMs) or an initramfs unpacked into each VM's RAM;
+    # one of the two. ``image_initrd`` is what mounts the image (our kernel's
+    # drivers for it are modules).
+    image: str = field(default_factory=lambda: str(default_guest_dir() / "root.erofs"))
+    image_initrd: str = field(default_factory=lambda: str(default_guest_dir() / "image-initrd.img"))
+    initrd: str = ""
     machine_type: str = "microvm"
     accelerator: str = "auto"
     default_vcpus: int = 1
-    default_memory: int = 512
+    default_memory: int = DEFAULT_MEMORY_MIB
     kernel_params: str = ""
     virtio_fs_daemon: str = VIRTIOFSD
     agent_channel: str = "auto"
@@ -74,11 +85,27 @@ class HypervisorConfig:
     # unless this turns them off, trading isolation inside the guest for speed
     # (no boot time difference measurable under TCG; see the README).
     disable_guest_mitigations: bool = False
+    # MiB of TCG's translation cache (QEMU's -accel tcg,tb-size); KVM ignores it.
+    tcg_tb_size: int = TCG_TB_SIZE_MIB
+    # Let the host's KSM merge guest RAM (QEMU's mem-merge). Off unless asked:
+    # merging opens a timing side channel between pods.
+    enable_ksm: bool = False
+    # Kata's name: a virtio-balloon with free page reporting, so guest RAM a pod
+    # has used and freed goes back to the host (the guest needs virtio_balloon).
+    reclaim_guest_freed_memory: bool = True
+
+    def check_root(self, where: str = "hypervisor.qemu") -> None:
+        if self.image and self.initrd:
+            raise InvalidArgument(f"{where}: image and initrd are mutually exclusive")
+        if not self.image and not self.initrd:
+            raise InvalidArgument(f"{where}: the guest root needs an image or an initrd")
 
     def qemu(self, shared_dir: str | None) -> QemuConfig:
+        self.check_root()
         return QemuConfig(
             kernel=self.kernel,
-            initrd=self.initrd,
+            initrd=self.image_initrd if self.image else self.initrd,
+            image=self.image,
             binary=self.path,
             machine=self.machine_type,
             accelerator=self.accelerator,
@@ -89,6 +116,9 @@ class HypervisorConfig:
             virtiofsd=self.virtio_fs_daemon,
             agent_channel=self.agent_channel,
             disable_mitigations=self.disable_guest_mitigations,
+            tcg_tb_size=self.tcg_tb_size,
+            ksm=self.enable_ksm,
+            free_page_reporting=self.reclaim_guest_freed_memory,
         )
 
 
@@ -165,6 +195,8 @@ def _section(cls: type[Any], table: Mapping[str, Any], where: str) -> Any:
 
 
 def parse_config(text: str, source: str = "<config>") -> Config:
+    import tomllib  # only with a configuration file: most hosts run on the defaults
+
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -179,11 +211,15 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     agent = doc.get("agent", {})
     if set(agent) - {"kata"}:
         raise InvalidArgument(f"{source}: only [agent.kata] is supported")
+    qemu = dict(hyp.get("qemu", {}))
+    if qemu.get("initrd") and "image" not in qemu:  # as in Kata: an initrd means no image
+        qemu["image"] = ""
     config = Config(
-        hypervisor=_section(HypervisorConfig, hyp.get("qemu", {}), "hypervisor.qemu"),
+        hypervisor=_section(HypervisorConfig, qemu, "hypervisor.qemu"),
         agent=_section(AgentConfig, agent.get("kata", {}), "agent.kata"),
         runtime=_section(RuntimeConfig, doc.get("runtime", {}), "runtime"),
     )
+    config.hypervisor.check_root(f"{source}: hypervisor.qemu")
     _check_config_kernel_params(config.hypervisor.kernel_params, source)
     bad = set(config.hypervisor.enable_annotations) - ANNOTATABLE
     if bad:
@@ -240,7 +276,11 @@ def load_config(path: str | None = None) -> Config:
 def apply_annotations(
     config: Config, annotations: Mapping[str, str], host: HostLimits | None = None
 ) -> Config:
-    """Apply the permitted ``io.katacontainers.config.*`` overrides of a pod."""
+    """Apply the permitted ``io.katacontainers.config.*`` overrides of a pod, and its limit.
+
+    A memory limit that containerd's CRI states for the pod (``pod_memory_limit_mib``)
+    sizes the VM: the limit plus ``GUEST_OVERHEAD_MIB``, or ``default_memory`` if larger.
+    """
     hyp = config.hypervisor
     host = host or HostLimits.probe()
     changes: dict[str, Any] = {}
@@ -268,6 +308,23 @@ def apply_annotations(
         if not low <= number <= high:
             raise InvalidArgument(f"annotation {key}: {number} out of range {low}..{high}")
         changes[name] = number
+    limit = pod_memory_limit_mib(annotations)
+    if limit:
+        # Sized once (microvm cannot hotplug): the pod's limits and the guest's own
+        # share, never less than the default nor more than the host has.
+        base = changes.get("default_memory", hyp.default_memory)
+        wanted = min(limit + GUEST_OVERHEAD_MIB, host.memory_mib, 262144)
+        changes["default_memory"] = max(base, wanted)
     if not changes:
         return config
     return dataclasses.replace(config, hypervisor=dataclasses.replace(hyp, **changes))
+
+
+def pod_memory_limit_mib(annotations: Mapping[str, str]) -> int:
+    """The pod's memory limit that containerd's CRI states, in whole MiB; 0 if none."""
+    value = annotations.get(SANDBOX_MEMORY, "")
+    try:
+        limit = int(value or 0)
+    except ValueError:
+        raise InvalidArgument(f"annotation {SANDBOX_MEMORY}: want bytes, got {value!r}") from None
+    return -(-limit // (1 << 20)) if limit > 0 else 0

@@ -14,6 +14,7 @@ import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -22,8 +23,12 @@ from shimv2.vc.accel import choose_accelerator
 from shimv2.vc.console import RotatingLog, connect_console, relay_console
 from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.procs import Adopted, Child, ProcessIdentity
-from shimv2.vc.qmp import Qmp
 from shimv2.vc.virtiofsd import VIRTIOFSD, start_virtiofsd
+
+if TYPE_CHECKING:
+    # QMP brings asyncio and qemu.qmp: imported when a VM is started or adopted, not
+    # by every reader of QemuConfig (the configuration, ``delete``).
+    from shimv2.vc.qmp import Qmp
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +47,24 @@ COMMAND_LINE_SIZE = 2048  # x86's, with the final NUL
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 ACCEL_CACHE = Path("/run/kata-py/accel.json")
 HOTPLUG_PORTS = 4  # q35 only: PCIe root ports free for device hotplug
+# TCG's translation cache, MiB: QEMU 7.2 reserves 1 GiB, fills ~94 MiB by the
+# time a container runs, and keeps it. Full, it is flushed and refilled: at 48
+# MiB start time did not change measurably (paired runs), at 32 +0.7 s, at 16
+# +5 s (README).
+TCG_TB_SIZE_MIB = 48
+# Guest RAM when a pod states no memory limit. Only what the guest touches costs
+# the host (~100 MiB at 128, 256 or 512 MiB: the RAM size barely matters), and
+# 256 MiB leaves ~150 MiB free beside the agent and crun.
+DEFAULT_MEMORY_MIB = 256
 MEMORY_SLOTS = 8  # q35 only: DIMM slots for memory hotplug
+# The root image is mapped as persistent memory (``Qemu._image_args``). Its size is
+# whole 128 MiB memory blocks: on q35 it comes first in the hotplug area, and Linux
+# takes a hotplugged DIMM only on a block boundary. microvm puts it below 4 GiB,
+# after some guest RAM whose size is whole 2 MiB sections, what pmem maps.
+IMAGE_ALIGN_MIB = 128
+IMAGE_MAX_MIB = 1024
+LOW_RAM_ALIGN_MIB = 2
+LOW_RAM_MAX_MIB = 1024
 
 
 def default_guest_dir() -> Path:
@@ -66,18 +88,46 @@ def host_tsc_khz() -> int:
     return 2_100_000
 
 
+def image_mib(path: str) -> int:
+    """The size of a root image in MiB: whole 128 MiB blocks, at most 1 GiB."""
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        raise FailedPrecondition(
+            f"guest image file missing: {path} (run scripts/build-guest)"
+        ) from None
+    if not 0 < size <= IMAGE_MAX_MIB << 20 or size % (IMAGE_ALIGN_MIB << 20):
+        raise FailedPrecondition(
+            f"root image {path}: {size} bytes, not a multiple of {IMAGE_ALIGN_MIB} MiB up to "
+            f"{IMAGE_MAX_MIB} MiB (scripts/build-guest pads it)"
+        )
+    return size >> 20
+
+
 @dataclass(frozen=True, slots=True)
 class QemuConfig:
     kernel: str = field(default_factory=lambda: str(default_guest_dir() / "vmlinux"))
-    initrd: str = field(default_factory=lambda: str(default_guest_dir() / "initrd.img"))
+    # The initramfs the kernel boots: with ``image``, the small one that mounts it
+    # (guest/image-init); without, the whole guest root.
+    initrd: str = field(default_factory=lambda: str(default_guest_dir() / "image-initrd.img"))
+    # The guest root, a read-only erofs image the guest maps with DAX: one copy in
+    # the host's page cache for every VM. "" = the whole root is in ``initrd``.
+    image: str = field(default_factory=lambda: str(default_guest_dir() / "root.erofs"))
     binary: str = "qemu-system-x86_64"
     machine: str = "microvm"
     accelerator: str = "auto"
     vcpus: int = 1
-    memory_mib: int = 512
+    memory_mib: int = DEFAULT_MEMORY_MIB
     # Headroom for hotplug (q35 only): vCPUs and MiB the VM may grow to.
     max_vcpus: int = 4
     max_memory_mib: int = 4096
+    tcg_tb_size: int = TCG_TB_SIZE_MIB  # MiB; only when the accelerator is TCG
+    # Guest RAM marked mergeable for the host's KSM (QEMU's mem-merge, on unless
+    # turned off): an opt-in, as merging lets one guest time another's pages.
+    ksm: bool = False
+    # A balloon that only takes free-page reports: the guest hands back what it
+    # frees, in 2 MiB blocks or more, instead of QEMU holding it until the VM exits.
+    free_page_reporting: bool = True
     kernel_params: tuple[str, ...] = ()
     disable_mitigations: bool = False  # mitigations=off nokaslr, for speed over isolation
     # Directory exported to the guest over virtio-fs; None = no virtio-fs.
@@ -101,6 +151,8 @@ class QemuConfig:
             )
         if not 1 <= self.vcpus <= 64 or not 128 <= self.memory_mib <= 262144:
             raise InvalidArgument(f"bad VM size: {self.vcpus} vCPUs, {self.memory_mib} MiB")
+        if not 1 <= self.tcg_tb_size <= 4096:
+            raise InvalidArgument(f"bad TCG translation cache size: {self.tcg_tb_size} MiB")
         for param in self.kernel_params:
             # One word each: no separator, NUL or newline to split the command line.
             if not param or any(ord(c) <= 0x20 or ord(c) == 0x7F for c in param):
@@ -110,6 +162,8 @@ class QemuConfig:
                 raise FailedPrecondition(
                     f"guest image file missing: {path} (run scripts/build-guest)"
                 )
+        if self.image:
+            image_mib(self.image)
         if shutil.which(self.binary) is None:
             raise FailedPrecondition(f"hypervisor binary not found: {self.binary}")
 
@@ -228,6 +282,8 @@ class Qemu:
             # Before QMP: the console listens before the guest runs, QMP only after.
             if not await nursery.start(self._relay_console):
                 raise Unavailable(f"vm {self.vm_id}: QEMU did not start: {self._log_tail()}")
+            from shimv2.vc.qmp import Qmp
+
             self._qmp = Qmp(self.vm_id)
             await self._connect_qmp()
         except BaseException:
@@ -282,6 +338,8 @@ class Qemu:
         nursery.start_soon(vm._watch, vm._qemu)
         if vm._virtiofsd is not None:
             nursery.start_soon(vm._watch_virtiofsd, vm._virtiofsd)
+        from shimv2.vc.qmp import Qmp
+
         vm._qmp = Qmp(vm_id)
         try:
             with trio.fail_after(5):
@@ -365,6 +423,9 @@ class Qemu:
         params = [*FAST_PARAMS, f"tsc_early_khz={host_tsc_khz()}", f"kata_py.channel={channel}"]
         if self.config.disable_mitigations:
             params += NO_MITIGATIONS
+        if self.config.image and self.config.machine == "microvm":
+            # The image's RAM range becomes legacy pmem (/dev/pmem0), not guest RAM.
+            params.append(f"memmap={image_mib(self.config.image)}M!{self._low_ram_mib()}M")
         cmdline = " ".join([*params, *self.config.kernel_params])
         if len(cmdline) >= COMMAND_LINE_SIZE:  # the guest would cut it silently
             raise InvalidArgument(
@@ -379,7 +440,8 @@ class Qemu:
         machine = "microvm" if microvm else "q35"
         argv = [
             cfg.binary, "-name", f"kata-py-{self.vm_id}",
-            "-accel", accel, "-cpu", "host" if accel == "kvm" else "max",
+            "-accel", f"tcg,tb-size={cfg.tcg_tb_size}" if accel == "tcg" else accel,
+            "-cpu", "host" if accel == "kvm" else "max",
             *self._size_args(),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             # seccomp: no obsolete calls, set*id, fork/exec or scheduler changes.
@@ -399,15 +461,20 @@ class Qemu:
             "-kernel", cfg.kernel, "-initrd", cfg.initrd, "-append", self.kernel_cmdline(),
             "-qmp", f"unix:{self.qmp_path},server=on,wait=off",
         ]  # fmt: skip
+        if cfg.image:
+            image_args, machine_opts = self._image_args()
+            argv += image_args
+            machine += machine_opts
         if cfg.shared_dir is not None:
             # vhost-user-fs needs guest RAM the virtiofsd process can map.
+            if not (microvm and cfg.image):  # there, _image_args made RAM of such memfds
+                argv += ["-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mib}M,share=on"]
+                machine += ",memory-backend=mem"
             argv += [
-                "-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mib}M,share=on",
                 "-chardev", f"socket,id=vfs,path={self.virtiofs_path}",
                 "-device", f"{'vhost-user-fs-device' if microvm else 'vhost-user-fs-pci'},"
                 f"chardev=vfs,tag={SHARED_TAG}",
             ]  # fmt: skip
-            machine += ",memory-backend=mem"
         if not microvm:
             # pcie.0 cannot hotplug; root ports can (one device each).
             for i in range(HOTPLUG_PORTS):
@@ -415,7 +482,8 @@ class Qemu:
         if microvm:
             # libvhost-user refuses legacy virtio devices.
             argv += ["-global", "virtio-mmio.force-legacy=false"]
-        argv += ["-M", machine]
+        # KSM: QEMU marks guest RAM mergeable unless told not to.
+        argv += ["-M", f"{machine},mem-merge={'on' if cfg.ksm else 'off'}"]
         serial = "virtio-serial-device" if microvm else "virtio-serial-pci"
         if self._vsock_cid is not None:
             dev = "vhost-vsock-device" if microvm else "vhost-vsock-pci"
@@ -433,17 +501,57 @@ class Qemu:
                 "-chardev", f"socket,id=dbgcon,path={self.debug_console_path},server=on,wait=off",
                 "-device", f"virtserialport,bus=vser0.0,chardev=dbgcon,name={DEBUG_CONSOLE_PORT}",
             ]  # fmt: skip
+        if cfg.free_page_reporting:
+            dev = "virtio-balloon-device" if microvm else "virtio-balloon-pci"
+            argv += ["-device", f"{dev},free-page-reporting=on"]
         return [*argv, *cfg.extra_args]
 
     def _size_args(self) -> list[str]:
         cfg = self.config
+        # The root image is RAM to QEMU: beside guest RAM on microvm, in the hotplug area on q35.
+        image = image_mib(cfg.image) if cfg.image else 0
         if cfg.machine == "microvm":  # no hotplug: fixed size
-            return ["-smp", str(cfg.vcpus), "-m", f"{cfg.memory_mib}M"]
+            return ["-smp", str(cfg.vcpus), "-m", f"{cfg.memory_mib + image}M"]
         return [
             "-smp", f"{cfg.vcpus},maxcpus={max(cfg.vcpus, cfg.max_vcpus)}",
             "-m", f"{cfg.memory_mib}M,slots={MEMORY_SLOTS},"
-            f"maxmem={max(cfg.memory_mib, cfg.max_memory_mib)}M",
+            f"maxmem={max(cfg.memory_mib, cfg.max_memory_mib) + image}M",
         ]  # fmt: skip
+
+    def _low_ram_mib(self) -> int:
+        """microvm: the guest RAM below the image (the kernel loads at 16 MiB)."""
+        low = min(self.config.memory_mib // 2, LOW_RAM_MAX_MIB)
+        return low // LOW_RAM_ALIGN_MIB * LOW_RAM_ALIGN_MIB
+
+    def _image_args(self) -> tuple[list[str], str]:
+        """The root image as read-only persistent memory; and options for ``-M``.
+
+        ``readonly=on``: guest writes to /dev/pmem0 never reach the file, and the
+        mapping is the host page cache, shared by every VM. q35: a virtio-pmem
+        device in the memory hotplug area. microvm has no such area (its
+        virtio-pmem is never mapped): guest RAM is two NUMA nodes with the image
+        as a third between them, at an address fixed by this command line, which
+        ``memmap=…!…`` (``kernel_cmdline``) makes a legacy pmem range; the kernel
+        registers that range only with a PCI bus, hence ``pcie=on``.
+        """
+        cfg = self.config
+        size = image_mib(cfg.image)
+        path = cfg.image.replace(",", ",,")  # QEMU's option syntax escapes a comma so
+        image = f"memory-backend-file,id=rootimg,mem-path={path},size={size}M"
+        image += ",share=on,readonly=on"
+        if cfg.machine != "microvm":
+            return ["-object", image, "-device", "virtio-pmem-pci,memdev=rootimg,id=rootpmem"], ""
+        # vhost-user-fs maps guest RAM: memfd then (the image, read-only, is not sent).
+        ram = "memory-backend-memfd" if cfg.shared_dir is not None else "memory-backend-ram"
+        share = ",share=on" if cfg.shared_dir is not None else ""
+        low = self._low_ram_mib()
+        args = [
+            "-object", f"{ram},id=mem,size={low}M{share}", "-numa", "node,memdev=mem",
+            "-object", image, "-numa", "node,memdev=rootimg",
+            "-object", f"{ram},id=mem1,size={cfg.memory_mib - low}M{share}",
+            "-numa", "node,memdev=mem1",
+        ]  # fmt: skip
+        return args, ",pcie=on"
 
     async def hotplug_vcpus(self, total: int) -> int:
         """Plug vCPUs until ``total`` are present; returns how many were added."""

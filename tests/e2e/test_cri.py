@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from shimv2.vc.config import GUEST_OVERHEAD_MIB
 from shimv2.vc.qemu import default_guest_dir
 from tests.e2e.conftest import (
     IMAGE,
@@ -246,3 +247,24 @@ def test_critest_pod_sandbox_specs(cri: Cri) -> None:
     assert out.returncode == 0, "\n".join(summary) or out.stdout[-4000:]
     want = 6 if cri.containerd.version == "1.6" else 8
     assert summary[-1].split("--")[-1].strip().startswith(f"{want} Passed | 0 Failed")
+
+
+def test_a_pod_memory_limit_sizes_its_vm(cri: Cri, tmp_path: Path) -> None:
+    """kubelet's pod-level limit (CRI's sandbox-memory annotation) is added to the guest's share."""
+    limit_mib = 512
+    config = pod_config("kpy-sized", tmp_path)
+    config["linux"]["resources"] = {"memory_limit_in_bytes": limit_mib << 20}
+    pod_json = cri.write("pod", config)
+    pod = cri("runp", "--runtime", HANDLER, pod_json).strip()
+    try:
+        app = cri(
+            "create", pod, cri.write("app", container_config("app", "sleep", "1000")), pod_json
+        ).strip()
+        cri("start", app)
+        meminfo = cri("exec", "--sync", app, "cat", "/proc/meminfo")
+        total_mib = int(meminfo.split("MemTotal:")[1].split()[0]) >> 10
+        # The kernel keeps some RAM for itself; without the limit the guest has 256 MiB.
+        assert limit_mib < total_mib <= limit_mib + GUEST_OVERHEAD_MIB
+    finally:
+        cri("stopp", pod)
+        cri("rmp", pod)

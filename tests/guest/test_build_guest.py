@@ -47,6 +47,7 @@ WANTED_MODULES = {
     "fuse",
     "virtiofs",
     "overlay",
+    "virtio_balloon",
 }
 
 
@@ -126,8 +127,11 @@ def initrd(built: subprocess.CompletedProcess[str]) -> dict[str, Entry]:
     return entries
 
 
+OUTPUTS = ["vmlinuz", "initrd.img", "root.erofs", "image-initrd.img"]
+
+
 def test_outputs_exist(built: subprocess.CompletedProcess[str]) -> None:
-    assert built.stdout.split("\n")[-3:] == [str(OUT / "vmlinuz"), str(OUT / "initrd.img"), ""]
+    assert built.stdout.split("\n")[-5:] == [*(str(OUT / name) for name in OUTPUTS), ""]
     kver = (OUT / "kver").read_text().strip()
     assert kver.endswith("-cloud-amd64")
     assert (OUT / "vmlinuz").read_bytes() == Path(f"/boot/vmlinuz-{kver}").read_bytes()
@@ -214,25 +218,112 @@ def test_pyc_matches_source(initrd: dict[str, Entry], source: str) -> None:
 
 
 def test_second_run_is_quick_noop(built: subprocess.CompletedProcess[str]) -> None:
-    before = (OUT / "initrd.img").stat().st_mtime_ns
+    before = {name: (OUT / name).stat().st_mtime_ns for name in OUTPUTS}
     res, elapsed = run_build()
     print(f"no-op build-guest took {elapsed:.3f} s")
     assert res.stdout == built.stdout
-    assert res.stdout.split("\n") == [str(OUT / "vmlinuz"), str(OUT / "initrd.img"), ""]
-    assert "up to date" in res.stderr
-    assert (OUT / "initrd.img").stat().st_mtime_ns == before
+    assert res.stdout.split("\n") == [*(str(OUT / name) for name in OUTPUTS), ""]
+    for part in ("base layer", "agent layer", "root image", "image initrd"):
+        assert f"{part}: up to date" in res.stderr
+    assert res.stderr.count(": up to date") == 5  # and the kernel
+    assert {name: (OUT / name).stat().st_mtime_ns for name in OUTPUTS} == before
     assert elapsed < 2.0
 
 
+BOOTS = ["initrd-microvm", "image-q35", "image-microvm"]
+
+
+def boot_args(boot: str) -> tuple[list[str], str]:
+    """QEMU arguments and kernel parameters for a root (what shimv2/vc/qemu.py does)."""
+    if boot == "initrd-microvm":
+        return ["-m", "512", "-M", "microvm", "-initrd", str(OUT / "initrd.img")], ""
+    size = (OUT / "root.erofs").stat().st_size >> 20
+    image = f"memory-backend-file,id=img,mem-path={OUT / 'root.erofs'},size={size}M"
+    image += ",share=on,readonly=on"
+    initrd = ["-initrd", str(OUT / "image-initrd.img")]
+    if boot == "image-q35":
+        pmem = ["-object", image, "-device", "virtio-pmem-pci,memdev=img"]
+        return ["-m", "512M,maxmem=2G", "-M", "q35", *initrd, *pmem], ""
+    # microvm: the image between two NUMA nodes of RAM, made legacy pmem by memmap=
+    ram = [
+        "-object", "memory-backend-ram,id=lo,size=256M", "-numa", "node,memdev=lo",
+        "-object", image, "-numa", "node,memdev=img",
+        "-object", "memory-backend-ram,id=hi,size=256M", "-numa", "node,memdev=hi",
+    ]  # fmt: skip
+    return ["-m", f"{512 + size}M", "-M", "microvm,pcie=on", *initrd, *ram], f"memmap={size}M!256M"
+
+
+def test_image_initrd_contents(built: subprocess.CompletedProcess[str]) -> None:
+    """The small initramfs: busybox, its /init, and the modules that mount the image."""
+    blob = (OUT / "image-initrd.img").read_bytes()
+    assert len(blob) < 3 * 2**20, "the image initrd should stay small"
+    entries: dict[str, Entry] = {}
+    parse_newc(decompress(blob), entries)
+    assert entries["init"].data == (REPO / "guest" / "image-init").read_bytes()
+    assert entries["init"].mode & 0o111
+    assert stat.S_ISREG(entries["bin/busybox"].mode)
+    for applet in ["sh", "mount", "insmod", "switch_root", "poweroff", "cp", "sleep"]:
+        assert entries[f"bin/{applet}"].data == b"busybox", applet
+    modules = entries["etc/kata-py/root-modules"].data.decode().split()
+    names = [Path(ko).stem for ko in modules]
+    for ko in modules:
+        assert stat.S_ISREG(entries[ko.lstrip("/")].mode), f"{ko} listed but missing"
+    for wanted in ["virtio_pci", "libnvdimm", "nd_pmem", "nd_e820", "virtio_pmem", "erofs"]:
+        assert wanted in names
+    assert names.index("libnvdimm") < names.index("nd_pmem") < names.index("erofs")
+    assert names.index("virtio") < names.index("virtio_pmem")
+    assert not any(p.startswith("usr/") for p in entries), "python belongs in the image"
+
+
+def test_root_image_holds_what_the_initrd_holds(initrd: dict[str, Entry], tmp_path: Path) -> None:
+    image = OUT / "root.erofs"
+    data = image.read_bytes()
+    assert len(data) % (128 << 20) == 0, "the image is whole memory blocks"
+    assert struct.unpack_from("<I", data, 1024)[0] == 0xE0F5E1E2, "no erofs superblock"
+    tree = tmp_path / "tree"
+    subprocess.run(["fsck.erofs", f"--extract={tree}", str(image)], check=True, capture_output=True)
+    found = {p.relative_to(tree).as_posix() for p in tree.rglob("*")}
+    assert found == set(initrd)
+    for name, entry in initrd.items():
+        path = tree / name
+        st = path.lstat()
+        assert st.st_mode == entry.mode, name
+        if stat.S_ISREG(entry.mode):
+            assert path.read_bytes() == entry.data, name
+            # the .pyc files record their sources' mtimes: kept exactly, not the build time
+            assert int(st.st_mtime) == entry.mtime, name
+        elif stat.S_ISLNK(entry.mode):
+            assert os.readlink(path).encode() == entry.data, name
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["usr/bin/python3.11", "usr/lib/python3.11/os.py", "init", "etc/passwd"],
+)
+def test_root_image_files_are_not_inline(
+    built: subprocess.CompletedProcess[str], path: str
+) -> None:
+    """An inline tail (mkfs.erofs's default) is not mapped with DAX: the guest would copy it."""
+    res = subprocess.run(
+        ["dump.erofs", f"--path=/{path}", str(OUT / "root.erofs")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "Layout: 0 " in res.stdout, res.stdout  # EROFS_INODE_FLAT_PLAIN
+
+
 @pytest.mark.vm
-def test_boot_selftest(built: subprocess.CompletedProcess[str]) -> None:
+@pytest.mark.parametrize("boot", BOOTS)
+def test_boot_selftest(built: subprocess.CompletedProcess[str], boot: str) -> None:
     qemu = shutil.which("qemu-system-x86_64")
     assert qemu is not None, "qemu-system-x86_64 not installed"
+    args, params = boot_args(boot)
     cmd = [
-        qemu, "-accel", "tcg", "-cpu", "max", "-m", "512", "-M", "microvm",
+        qemu, "-accel", "tcg", "-cpu", "max", *args,
         "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-no-reboot",
-        "-kernel", str(OUT / "vmlinux"), "-initrd", str(OUT / "initrd.img"),
-        "-append", f"{FAST_CMDLINE} kata_py.selftest=1",
+        "-kernel", str(OUT / "vmlinux"),
+        "-append", f"{FAST_CMDLINE} {params} kata_py.selftest=1",
     ]  # fmt: skip
     start = time.monotonic()
     deadline = start + BOOT_TIMEOUT
@@ -264,7 +355,9 @@ def test_boot_selftest(built: subprocess.CompletedProcess[str]) -> None:
     text = output.decode(errors="replace")
     print(text)
     assert "KATA_PY_SELFTEST_FAIL" not in text
+    assert "KATA_PY_ROOT_FAIL" not in text
     assert ok_at is not None, f"no KATA_PY_SELFTEST_OK within {BOOT_TIMEOUT} s:\n{text}"
+    assert ("KATA_PY_ROOT_MOUNTED" in text) == boot.startswith("image-")
     assert rc == 0, f"qemu exited with {rc}"
     assert "Kernel panic" not in text
     total = time.monotonic() - start

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -7,12 +8,15 @@ import pytest
 
 from shimv2.errdefs import InvalidArgument
 from shimv2.vc.config import (
+    GUEST_OVERHEAD_MIB,
+    SANDBOX_MEMORY,
     Config,
     HostLimits,
     apply_annotations,
     load_config,
     parse_config,
 )
+from shimv2.vc.qemu import TCG_TB_SIZE_MIB
 
 SAMPLE = """
 [hypervisor.qemu]
@@ -197,3 +201,42 @@ def test_agent_settings_reach_the_kernel_command_line() -> None:
     assert "kata_py.debug_console=1" in console.kernel_params
     with pytest.raises(InvalidArgument, match="crun or runc"):
         parse_config('[agent.kata]\noci_runtime = "youki"\n').qemu(None)
+
+
+def test_tcg_translation_cache_and_ksm_reach_qemu() -> None:
+    default = Config().qemu("/shared")
+    assert (default.tcg_tb_size, default.ksm) == (TCG_TB_SIZE_MIB, False)
+    config = parse_config("[hypervisor.qemu]\ntcg_tb_size = 32\nenable_ksm = true\n")
+    qemu = config.qemu("/shared")
+    assert (qemu.tcg_tb_size, qemu.ksm) == (32, True)
+    with pytest.raises(InvalidArgument, match="positive integer"):
+        parse_config("[hypervisor.qemu]\ntcg_tb_size = 0\n")
+    with pytest.raises(InvalidArgument, match="true or false"):
+        parse_config("[hypervisor.qemu]\nenable_ksm = 1\n")
+    with pytest.raises(InvalidArgument, match="translation cache"):
+        dataclasses.replace(qemu, tcg_tb_size=8192).validate()
+
+
+def test_the_pods_memory_limit_sizes_the_vm() -> None:
+    host = HostLimits(cpus=2, memory_mib=4096)
+    config = Config()
+    base = config.hypervisor.default_memory
+    sized = apply_annotations(config, {SANDBOX_MEMORY: str(300 << 20)}, host)
+    assert sized.hypervisor.default_memory == 300 + GUEST_OVERHEAD_MIB
+    assert sized.qemu("/shared").memory_mib == 300 + GUEST_OVERHEAD_MIB
+    odd = apply_annotations(config, {SANDBOX_MEMORY: str((300 << 20) + 1)}, host)
+    assert odd.hypervisor.default_memory == 301 + GUEST_OVERHEAD_MIB  # whole MiB, rounded up
+    small = apply_annotations(config, {SANDBOX_MEMORY: str(16 << 20)}, host)
+    assert small.hypervisor.default_memory == base  # never below the default
+    assert apply_annotations(config, {SANDBOX_MEMORY: "0"}, host) == config  # no limit
+    assert apply_annotations(config, {}, host) == config
+    huge = apply_annotations(config, {SANDBOX_MEMORY: str(1 << 40)}, host)
+    assert huge.hypervisor.default_memory == 4096  # the host's RAM at most
+    with pytest.raises(InvalidArgument, match="sandbox-memory"):
+        apply_annotations(config, {SANDBOX_MEMORY: "lots"}, host)
+    annotatable = parse_config('[hypervisor.qemu]\nenable_annotations = ["default_memory"]\n')
+    annotated = "io.katacontainers.config.hypervisor.default_memory"
+    both = apply_annotations(annotatable, {annotated: "1024", SANDBOX_MEMORY: str(512 << 20)}, host)
+    assert both.hypervisor.default_memory == 1024  # the pod's own default, larger
+    both = apply_annotations(annotatable, {annotated: "256", SANDBOX_MEMORY: str(512 << 20)}, host)
+    assert both.hypervisor.default_memory == 512 + GUEST_OVERHEAD_MIB

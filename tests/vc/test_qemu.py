@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import uuid
@@ -14,7 +15,7 @@ import trio
 from shimv2.errdefs import FailedPrecondition, InvalidArgument
 from shimv2.vc.agent import connect_agent
 from shimv2.vc.console import CONSOLE_LIMIT
-from shimv2.vc.qemu import Qemu, QemuConfig
+from shimv2.vc.qemu import TCG_TB_SIZE_MIB, Qemu, QemuConfig
 from tests.leaks import vm_processes
 
 pytestmark = pytest.mark.vm
@@ -88,7 +89,7 @@ async def test_bad_config_fails_clearly_and_leaves_nothing(
 
 async def test_command_line_for_both_machines(tmp_path: Path) -> None:
     micro = " ".join(_vm(tmp_path).argv())
-    assert "-M microvm,memory-backend=mem" in micro
+    assert "-M microvm,pcie=on" in micro  # RAM around the root image (tests/vc/test_root_image.py)
     assert "vhost-user-fs-device,chardev=vfs,tag=kataShared" in micro
     assert "virtio-mmio.force-legacy=false" in micro
     assert "name=agent.channel.0" in micro
@@ -108,6 +109,102 @@ async def test_command_line_for_both_machines(tmp_path: Path) -> None:
     argv = " ".join(console.argv())
     assert f"socket,id=dbgcon,path={console.debug_console_path},server=on,wait=off" in argv
     assert "virtserialport,bus=vser0.0,chardev=dbgcon,name=debug.console.0" in argv
+
+
+def _arg(argv: list[str], flag: str) -> str:
+    """The value of ``flag`` (which must appear exactly once)."""
+    assert argv.count(flag) == 1, argv
+    return argv[argv.index(flag) + 1]
+
+
+async def test_translation_cache_and_ksm_on_the_command_line(tmp_path: Path) -> None:
+    for machine in ("microvm", "q35"):
+        vm = _vm(tmp_path, machine=machine)
+        argv = vm.argv()  # no accelerator chosen yet: TCG
+        assert _arg(argv, "-accel") == f"tcg,tb-size={TCG_TB_SIZE_MIB}"
+        assert _arg(argv, "-M").endswith(",mem-merge=off")  # QEMU's default is on
+        vm.accelerator = "kvm"
+        argv = vm.argv()
+        assert _arg(argv, "-accel") == "kvm"  # the cache is TCG's alone
+        assert not any("tb-size" in a for a in argv)
+        merging = _vm(tmp_path, machine=machine, ksm=True, tcg_tb_size=32)
+        argv = merging.argv()
+        assert _arg(argv, "-M").endswith(",mem-merge=on")
+        assert "mem-merge=off" not in " ".join(argv)
+        assert _arg(argv, "-accel") == "tcg,tb-size=32"
+
+
+async def test_a_balloon_for_free_page_reporting_only(tmp_path: Path) -> None:
+    for machine, device in (("microvm", "virtio-balloon-device"), ("q35", "virtio-balloon-pci")):
+        argv = _vm(tmp_path, machine=machine).argv()
+        assert f"{device},free-page-reporting=on" in argv
+        assert sum("virtio-balloon" in a for a in argv) == 1
+        argv = _vm(tmp_path, machine=machine, free_page_reporting=False).argv()
+        assert not any("virtio-balloon" in a for a in argv)
+
+
+async def test_the_guest_runs_in_the_default_size(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Booted to its agent with the default translation cache and RAM, and no more RAM."""
+    vm = _vm(tmp_path, debug_console=True, kernel_params=("kata_py.debug_console=1",))
+    await vm.start(nursery)
+    try:
+        async with connect_agent(vm.agent_endpoint(), ready_timeout=90):
+            out = await _guest_shell(vm, "grep MemTotal /proc/meminfo")
+        assert vm.pid is not None
+        argv = Path(f"/proc/{vm.pid}/cmdline").read_bytes().decode().split("\0")
+        if vm.accelerator == "tcg":
+            assert _arg(argv, "-accel") == f"tcg,tb-size={TCG_TB_SIZE_MIB}"
+        match = re.search(rb"MemTotal:\s+(\d+) kB", out)
+        assert match is not None, out
+        # What the kernel keeps for itself (its image, page tables) is not in MemTotal.
+        memory = QemuConfig().memory_mib
+        assert memory * 1024 * 0.75 < int(match[1]) <= memory * 1024
+    finally:
+        await vm.shutdown()
+    assert vm_processes(vm.vm_id) == []
+
+
+def _guest_ram_rss_mib(pid: int) -> float:
+    """What QEMU holds of guest RAM (its memfd mappings), MiB."""
+    rss, in_ram = 0, False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        head = line.split(None, 5)
+        if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
+            in_ram = len(head) == 6 and head[5].startswith("/memfd:")
+        elif in_ram and line.startswith("Rss:"):
+            rss += int(line.split()[1])
+    return rss / 1024
+
+
+async def test_memory_the_guest_frees_goes_back_to_the_host(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    vm = _vm(tmp_path, debug_console=True, kernel_params=("kata_py.debug_console=1",))
+    await vm.start(nursery)
+    try:
+        async with connect_agent(vm.agent_endpoint(), ready_timeout=90):
+            drivers = await _guest_shell(vm, "ls /sys/bus/virtio/drivers")
+            assert b"virtio_balloon" in drivers, "the guest image lacks virtio_balloon"
+            assert vm.pid is not None
+            before = _guest_ram_rss_mib(vm.pid)
+            await _guest_shell(
+                vm,
+                "mkdir -p /tmp/fill && mount -t tmpfs fill /tmp/fill &&"
+                " dd if=/dev/zero of=/tmp/fill/f bs=1M count=160 2>/dev/null;"
+                " rm /tmp/fill/f; umount /tmp/fill",
+            )
+            # Reports go out about 2 s after the pages are freed.
+            for _ in range(300):
+                if _guest_ram_rss_mib(vm.pid) < before + 32:
+                    break
+                await trio.sleep(0.1)
+            else:
+                pytest.fail(
+                    f"guest RAM held: {_guest_ram_rss_mib(vm.pid):.0f} MiB, {before:.0f} before"
+                )
+    finally:
+        await vm.shutdown()
+    assert vm_processes(vm.vm_id) == []
 
 
 async def test_virtiofsd_death_ends_the_vm(tmp_path: Path, nursery: trio.Nursery) -> None:
