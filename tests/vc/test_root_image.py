@@ -9,7 +9,6 @@ configuration keys (``image``, ``image_initrd``, ``initrd``).
 from __future__ import annotations
 
 import hashlib
-import uuid
 from pathlib import Path
 
 import pytest
@@ -20,17 +19,9 @@ from shimv2.vc.agent import connect_agent
 from shimv2.vc.config import HypervisorConfig, parse_config
 from shimv2.vc.qemu import Qemu, QemuConfig, default_guest_dir
 from tests.leaks import vm_processes
-from tests.vc.test_qemu import _guest_shell
+from tests.vc.test_qemu import _guest_shell, _vm
 
 GUEST = default_guest_dir()
-
-
-def _vm(tmp_path: Path, **overrides: object) -> Qemu:
-    vm_id = f"t-{uuid.uuid4().hex[:12]}"
-    share = tmp_path / "shared"
-    share.mkdir(exist_ok=True)
-    config = QemuConfig(shared_dir=str(share), **overrides)  # type: ignore[arg-type]
-    return Qemu(vm_id, config, Path("/run/kata-py/vm") / vm_id)
 
 
 def _digest(path: Path) -> str:
