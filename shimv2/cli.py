@@ -3,7 +3,8 @@
 ``check`` says whether this host can run kata-py (and which accelerator a VM
 would get); ``env`` prints the effective configuration and paths; ``list``
 shows the sandboxes in the state directory; ``metrics`` prints what a pod's
-shim reports to Prometheus; ``exec`` attaches to a pod VM's debug console.
+shim reports to Prometheus; ``exec`` attaches to a pod VM's debug console;
+``factory`` builds, shows and removes the VM templates pods are cloned from.
 """
 
 from __future__ import annotations
@@ -404,6 +405,39 @@ def attach_console(path: str, stdin: int, stdout: int) -> int:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
 
 
+def cmd_factory(args: argparse.Namespace) -> int:
+    """``factory init | status | destroy``: the VM templates pods are cloned from."""
+    from shimv2.vc import template
+    from shimv2.vc.config import load_config
+
+    config = load_config(args.config)
+    path = config.factory.template_path
+    qemu = config.qemu(None)
+    if args.action == "init":
+        built = trio.run(template.build_template, qemu, path)
+        print(f"template {built.name} ready in {built.parent}")
+        if not config.factory.enable_template:
+            print("pods use it once [factory] enable_template = true")
+        return 0
+    if args.action == "destroy":
+        print(f"removed {template.destroy_templates(path)} template(s) from {path}")
+        return 0
+    key = template.template_key(qemu)
+    templates = template.list_templates(path)
+    state = "enabled" if config.factory.enable_template else "disabled"
+    print(f"templates: {state}; {path}; this configuration's key {key}")
+    for t in templates:
+        mark = "*" if t.get("key") == key else " "
+        print(
+            f"{mark} {t.get('key')}  {t.get('memory_mib')} MiB guest, "
+            f"{t.get('resident_mib')} MiB resident, booted in {t.get('boot_seconds')} s"
+        )
+    if not any(t.get("key") == key for t in templates):
+        print("no template matches this configuration: pods boot cold (kata-py factory init)")
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kata-py", description="Run containerd pods in their own QEMU VMs."
@@ -424,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     metrics = sub.add_parser("metrics", help="a running pod's Prometheus metrics, from its shim")
     metrics.add_argument("sandbox", help="the sandbox (pod) id")
     metrics.set_defaults(func=cmd_metrics)
+    factory = sub.add_parser("factory", help="the VM templates pods start from")
+    factory.add_argument("action", choices=("init", "status", "destroy"))
+    factory.set_defaults(func=cmd_factory)
     return parser
 
 

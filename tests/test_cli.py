@@ -380,3 +380,26 @@ def test_exit_marker_holds_back_a_marker_length_at_most() -> None:
     assert marker.status == 42
     assert marker.feed(b"!") == shell_exited(42) + b"!"
     assert marker.status is None
+
+
+def test_factory_status_and_destroy_without_a_template(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = Path("/dev/shm") / f"kpy-cli-{uuid.uuid4().hex[:8]}"
+    config = tmp_path / "configuration.toml"
+    config.write_text(f'[factory]\ntemplate_path = "{root}/template"\n')
+    try:
+        # No template for this configuration: pods would boot cold, and status says so.
+        assert cli.main(["--config", str(config), "factory", "status"]) == 1
+        out = capsys.readouterr().out
+        assert "templates: disabled" in out
+        assert "pods boot cold" in out
+        (root / "template" / "0123abcd").mkdir(parents=True)
+        (root / "template" / "0123abcd" / "template.json").write_text('{"key": "0123abcd"}')
+        assert cli.main(["--config", str(config), "factory", "status"]) == 1
+        assert "0123abcd" in capsys.readouterr().out
+        assert cli.main(["--config", str(config), "factory", "destroy"]) == 0
+        assert "removed 1 template(s)" in capsys.readouterr().out
+        assert list((root / "template").iterdir()) == []
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

@@ -9,9 +9,10 @@ so the kernel's own routes (prefix routes of addresses, fe80::/64, typed
 routes) are recognised by their shape, not by ``proto kernel``.
 
 Semantics follow the Kata agent (src/agent/src/netlink.rs): a link is found by
-MAC address; UpdateInterface replaces its addresses, then sets mtu, name, arp
-and up; UpdateRoutes deletes every non-kernel route of the main table and adds
-the new ones, those without a gateway first, tolerating "File exists".
+MAC address, waited for a while (a hot-plugged NIC shows up late); UpdateInterface
+replaces its addresses, then sets mtu, name, arp and up; UpdateRoutes deletes
+every non-kernel route of the main table and adds the new ones, those without a
+gateway first, tolerating "File exists".
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ from shimv2.ttrpc import CallContext
 log = logging.getLogger(__name__)
 
 COMMAND_TIMEOUT = 10.0
+LINK_WAIT = 10.0  # seconds UpdateInterface waits for a hot-plugged NIC to show up
+LINK_RETRY = 0.02  # seconds between two listings of the links meanwhile
 SCOPES = {"global": 0, "universe": 0, "site": 200, "link": 253, "host": 254, "nowhere": 255}
 _SCOPE_NAMES = {0: "global", 200: "site", 253: "link", 254: "host", 255: "nowhere"}
 _ROUTE_TYPES = {
@@ -204,8 +207,9 @@ def _is_default(dest: str) -> bool:
 
 
 class NetworkService:
-    def __init__(self, ip: IpCommand | None = None) -> None:
+    def __init__(self, ip: IpCommand | None = None, *, link_wait: float = LINK_WAIT) -> None:
         self._cmd = ip or IpCommand()
+        self._link_wait = link_wait
         self._lock = trio.Lock()
 
     # -- queries -------------------------------------------------------------
@@ -260,8 +264,7 @@ class NetworkService:
                 raise InvalidArgument(f"update interface {iface.name}: {exc}") from exc
 
     async def _update_interface(self, iface: types_pb2.Interface) -> types_pb2.Interface:
-        links = await self._links()
-        link = _find_link(links, iface)
+        links, link = await self._wait_for_link(iface)
         for ip in iface.IPAddresses:
             _check_address(ip)
         if link.up:
@@ -289,6 +292,21 @@ class NetworkService:
         await self._cmd.ip("link", "set", name, "up")
         current = {i.name: i for i in await self._interfaces()}
         return current.get(name, iface)
+
+    async def _wait_for_link(self, iface: types_pb2.Interface) -> tuple[list[Link], Link]:
+        """The links and ``iface``'s own. In a VM cloned from a snapshot, the NICs are
+        hot-plugged just after the restore and show up a few hundred ms later: a link
+        asked for by MAC is waited for. One asked for by name is not: a hot-plugged
+        NIC's name is the kernel's choice, unknown to the host."""
+        deadline = trio.current_time() + self._link_wait
+        while True:
+            links = await self._links()
+            try:
+                return links, _find_link(links, iface)
+            except NotFound:
+                if not iface.hwAddr or trio.current_time() >= deadline:
+                    raise
+            await trio.sleep(LINK_RETRY)
 
     # -- routes ----------------------------------------------------------------
 

@@ -1,5 +1,5 @@
-"""The sandbox rpcs (CreateSandbox, DestroySandbox, GetGuestDetails, OnlineCPUMem)
-and the guest setup steps the agent runs at boot.
+"""The sandbox rpcs (CreateSandbox, DestroySandbox, GetGuestDetails, OnlineCPUMem,
+ReseedRandomDev, SetGuestDateTime) and the guest setup steps the agent runs at boot.
 
 Every side effect on the machine goes through ``GuestOS``, so that tests on
 the host use ``shimv2.guest.testing.FakeGuestOS`` instead of renaming the
@@ -14,8 +14,10 @@ import errno
 import fcntl
 import logging
 import os
+import random
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -33,6 +35,9 @@ SHARED_TAG = "kataShared"
 SHARED_MOUNT = "/run/kata-containers/shared/containers"
 MODULES_LIST = "/etc/kata-py/modules"
 ONLINE_WAIT = 10.0  # seconds OnlineCPUMem waits for hotplugged CPUs and memory to appear
+MOUNT_WAIT = 10.0  # seconds CreateSandbox waits for a hot-plugged virtio-fs device's tag
+MOUNT_RETRY = 0.02  # seconds between two tries of such a mount
+MAX_ENTROPY = 4096  # bytes ReseedRandomDev accepts at once
 STORAGE_HANDLERS = ("virtio-fs",)
 DEVICE_HANDLERS: tuple[str, ...] = ()
 
@@ -44,6 +49,10 @@ _MS_NODEV = 0x4
 _MS_NOSUID = 0x2
 _MNT_DETACH = 0x2
 _SYS_FINIT_MODULE = 313  # x86_64
+_RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+_RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+# A virtio-fs tag that is not probed yet: "virtio-fs: tag <x> not found" and EINVAL.
+_MOUNT_NOT_YET = (errno.EINVAL, errno.ENOENT)
 
 
 class GuestOS:
@@ -124,6 +133,33 @@ class GuestOS:
 
     def kernel_release(self) -> str:
         return os.uname().release
+
+    def add_entropy(self, data: bytes) -> None:
+        """Mix ``data`` into the kernel's pool, credited, then reseed the CRNG at once:
+        a VM cloned from a snapshot would otherwise keep its template's CRNG state."""
+        fd = os.open("/dev/random", os.O_WRONLY | os.O_CLOEXEC)
+        what = "RNDADDENTROPY"
+        try:
+            # A mutable buffer: fcntl copies anything else into 1024 bytes, and refuses more.
+            fcntl.ioctl(fd, _RNDADDENTROPY, rand_pool_info(data), True)
+            what = "RNDRESEEDCRNG"
+            fcntl.ioctl(fd, _RNDRESEEDCRNG)
+        except OSError as exc:
+            raise OSError(exc.errno, f"{what} on /dev/random: {exc.strerror}") from exc
+        finally:
+            os.close(fd)
+
+    def reseed_random(self) -> None:
+        """Reseed the ``random`` module: the clone has its template's state too."""
+        random.seed(os.urandom(32))
+
+    def set_realtime(self, sec: int, usec: int) -> None:
+        time.clock_settime_ns(time.CLOCK_REALTIME, sec * 1_000_000_000 + usec * 1000)
+
+
+def rand_pool_info(data: bytes) -> bytearray:
+    """struct rand_pool_info: entropy_count (bits), buf_size (bytes), then the bytes."""
+    return bytearray(struct.pack("ii", len(data) * 8, len(data)) + data)
 
 
 # -- guest setup at boot: each step bounded by what it does, failures logged ------
@@ -265,7 +301,8 @@ DestroyCallback = Callable[[], Awaitable[None]]
 
 
 class SandboxService:
-    """CreateSandbox, DestroySandbox, GetGuestDetails and OnlineCPUMem."""
+    """CreateSandbox, DestroySandbox, GetGuestDetails, OnlineCPUMem, ReseedRandomDev
+    and SetGuestDateTime."""
 
     def __init__(
         self,
@@ -275,12 +312,14 @@ class SandboxService:
         on_destroy: DestroyCallback | None = None,
         resolv_conf: str = "/etc/resolv.conf",
         sys_root: str = "/sys",
+        mount_wait: float = MOUNT_WAIT,
     ) -> None:
         self._guest = guest
         self._init_daemon = init_daemon
         self._on_destroy = on_destroy
         self._resolv_conf = resolv_conf
         self._sys = sys_root
+        self._mount_wait = mount_wait
         self._lock = trio.Lock()
         self.sandbox_id: str | None = None
         self.mounted: list[str] = []
@@ -292,14 +331,14 @@ class SandboxService:
             if not req.sandbox_id:
                 raise InvalidArgument("sandbox_id is empty")
             try:
-                self._create(req)
+                await self._create(req)
             except OSError as exc:
                 raise Internal(f"create sandbox {req.sandbox_id}: {exc}") from exc
             self.sandbox_id = req.sandbox_id
         log.info("sandbox %s created", req.sandbox_id)
         return Empty()
 
-    def _create(self, req: agent_pb2.CreateSandboxRequest) -> None:
+    async def _create(self, req: agent_pb2.CreateSandboxRequest) -> None:
         if req.hostname:
             self._guest.set_hostname(req.hostname)
         if req.dns:
@@ -312,11 +351,24 @@ class SandboxService:
                 raise InvalidArgument(f"unsupported storage driver {storage.driver!r}")
             if not storage.mount_point or not storage.source:
                 raise InvalidArgument("storage needs a source and a mount_point")
-            fstype = storage.fstype or "virtiofs"
-            if mount_storage(
-                self._guest, fstype, storage.source, storage.mount_point, storage.options
-            ):
+            if await self._mount(storage):
                 self.mounted.append(storage.mount_point)
+
+    async def _mount(self, storage: agent_pb2.Storage) -> bool:
+        fstype = storage.fstype or "virtiofs"
+        args = (self._guest, fstype, storage.source, storage.mount_point, storage.options)
+        deadline = trio.current_time() + self._mount_wait
+        while True:
+            try:
+                return mount_storage(*args)
+            except OSError as exc:
+                # In a VM cloned from a snapshot, the virtio-fs device is hot-plugged just
+                # after the restore: its tag shows up a few hundred ms later.
+                if fstype != "virtiofs" or exc.errno not in _MOUNT_NOT_YET:
+                    raise
+                if trio.current_time() >= deadline:
+                    raise
+            await trio.sleep(MOUNT_RETRY)
 
     async def DestroySandbox(self, ctx: CallContext, req: agent_pb2.DestroySandboxRequest) -> Empty:
         async with self._lock:
@@ -374,6 +426,34 @@ class SandboxService:
         if cpus < req.nb_cpus:
             raise Internal(f"onlined {cpus} of {req.nb_cpus} cpus")
         log.info("onlined %d cpus and %d memory blocks", cpus, mems)
+        return Empty()
+
+    async def ReseedRandomDev(
+        self, ctx: CallContext, req: agent_pb2.ReseedRandomDevRequest
+    ) -> Empty:
+        if not req.data or len(req.data) > MAX_ENTROPY:
+            raise InvalidArgument(
+                f"random data must be 1 to {MAX_ENTROPY} bytes, not {len(req.data)}"
+            )
+        try:
+            self._guest.add_entropy(req.data)
+        except OSError as exc:
+            raise Internal(f"reseed the random device: {exc}") from exc
+        self._guest.reseed_random()  # after the CRNG's reseed: os.urandom is fresh now
+        log.info("random device reseeded with %d bytes", len(req.data))
+        return Empty()
+
+    async def SetGuestDateTime(
+        self, ctx: CallContext, req: agent_pb2.SetGuestDateTimeRequest
+    ) -> Empty:
+        # The kernel keeps the time in nanoseconds, in 64 bits.
+        if not 0 < req.Sec < 2**63 // 1_000_000_000 or not 0 <= req.Usec < 1_000_000:
+            raise InvalidArgument(f"bad date and time: sec {req.Sec}, usec {req.Usec}")
+        try:
+            self._guest.set_realtime(req.Sec, req.Usec)
+        except OSError as exc:
+            raise Internal(f"set the guest's clock: {exc}") from exc
+        log.info("guest clock set to %d.%06d", req.Sec, req.Usec)
         return Empty()
 
     def _online_all(self, root: str, prefix: str, limit: int | None) -> int:

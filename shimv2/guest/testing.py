@@ -2,12 +2,15 @@
 
 ``FakeGuestOS`` keeps files, mounts, links and modules in memory and records
 what was done, so tests can run CreateSandbox without renaming the host.
+``FakeIpCommand`` answers ``ip`` from a list of links, so tests can run
+UpdateInterface without a network namespace.
 """
 
 from __future__ import annotations
 
 import errno
 
+from shimv2.guest.network import IpCommand
 from shimv2.guest.system import GuestOS
 
 
@@ -23,9 +26,14 @@ class FakeGuestOS(GuestOS):
         self.dirs: set[str] = set()
         self.subreaper = False
         self.fail: dict[str, OSError] = {}  # method name -> error to raise
+        self.calls: dict[str, int] = {}  # method name -> calls, for those that can fail
         self.release = "6.1.0-fake"
+        self.entropy: list[bytes] = []
+        self.random_reseeds = 0
+        self.realtime: tuple[int, int] | None = None  # (sec, usec) last set
 
     def _maybe_fail(self, what: str) -> None:
+        self.calls[what] = self.calls.get(what, 0) + 1
         if what in self.fail:
             raise self.fail[what]
 
@@ -99,6 +107,17 @@ class FakeGuestOS(GuestOS):
     def kernel_release(self) -> str:
         return self.release
 
+    def add_entropy(self, data: bytes) -> None:
+        self._maybe_fail("add_entropy")
+        self.entropy.append(data)
+
+    def reseed_random(self) -> None:
+        self.random_reseeds += 1
+
+    def set_realtime(self, sec: int, usec: int) -> None:
+        self._maybe_fail("set_realtime")
+        self.realtime = (sec, usec)
+
 
 def fake_sysfs(cpus: int = 2, offline_cpus: int = 1, memory_blocks: int = 2) -> dict[str, str]:
     """Files of a small /sys: cpus (cpu0 without an online file), memory blocks."""
@@ -116,4 +135,37 @@ def fake_sysfs(cpus: int = 2, offline_cpus: int = 1, memory_blocks: int = 2) -> 
     return files
 
 
-__all__ = ["FakeGuestOS", "fake_sysfs"]
+class FakeIpCommand(IpCommand):
+    """``ip`` on a made-up machine: ``ip -o link`` lists ``links`` (add or remove some
+    meanwhile to hot-plug them), addresses and routes are empty, and every other
+    command succeeds and is only recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.links: list[str] = []  # ``ip -o link`` lines
+        self.commands: list[tuple[str, ...]] = []  # all but the listings
+        self.link_listings = 0
+
+    def add_link(self, name: str, mac: str, *, up: bool = False) -> None:
+        index = len(self.links) + 2  # 1 is lo's
+        flags = "BROADCAST,MULTICAST,UP,LOWER_UP" if up else "BROADCAST,MULTICAST"
+        self.links.append(
+            f"{index}: {name}: <{flags}> mtu 1500 qdisc noop qlen 1000\\"
+            f"    link/ether {mac} brd ff:ff:ff:ff:ff:ff"
+        )
+
+    async def ip(self, *args: str) -> str:
+        if args == ("-o", "link"):
+            self.link_listings += 1
+            return "".join(f"{line}\n" for line in self.links)
+        if args == ("-o", "addr") or "show" in args:  # addresses, routes
+            return ""
+        self.commands.append(args)
+        return ""
+
+    async def arp(self, *args: str) -> str:
+        self.commands.append(("arp", *args))
+        return ""
+
+
+__all__ = ["FakeGuestOS", "FakeIpCommand", "fake_sysfs"]

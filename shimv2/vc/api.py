@@ -37,6 +37,15 @@ from shimv2.vc.tracing import Tracer, default_tracer
 log = logging.getLogger(__name__)
 
 
+def factory_for(config: Config) -> Factory:
+    """Where pods get their VMs: clones of a template when enabled, else a cold boot."""
+    if config.factory.enable_template:
+        from shimv2.vc.template import TemplateFactory
+
+        return TemplateFactory(config.factory.template_path)
+    return DirectFactory()
+
+
 class VirtContainers:
     def __init__(
         self,
@@ -50,7 +59,7 @@ class VirtContainers:
     ) -> None:
         self.config = config or load_config()
         self.store = store or Store(self.config.runtime.state_dir)
-        self.factory = factory or DirectFactory()
+        self.factory = factory or factory_for(self.config)
         self.tracer = tracer or default_tracer()
         self._nursery = nursery
         self._live: dict[str, Sandbox] = {}

@@ -143,10 +143,20 @@ class RuntimeConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FactoryConfig:
+    # Kata's names. Pods start as clones of a template VM (``kata-py factory
+    # init`` builds it), or boot cold when none matches the configuration.
+    enable_template: bool = False
+    # On a tmpfs: the templates' RAM; clones copy theirs beside, in ../clones.
+    template_path: str = "/dev/shm/kata-py/template"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     hypervisor: HypervisorConfig = field(default_factory=HypervisorConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    factory: FactoryConfig = field(default_factory=FactoryConfig)
 
     def qemu(self, shared_dir: str | None) -> QemuConfig:
         """The VM to launch; the agent's settings travel on the kernel command line."""
@@ -201,7 +211,7 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise InvalidArgument(f"{source}: {exc}") from exc
-    known = {"hypervisor", "agent", "runtime"}
+    known = {"hypervisor", "agent", "runtime", "factory"}
     for key in doc:
         if key not in known:
             raise InvalidArgument(f"{source}: unknown section [{key}]")
@@ -214,10 +224,17 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     qemu = dict(hyp.get("qemu", {}))
     if qemu.get("initrd") and "image" not in qemu:  # as in Kata: an initrd means no image
         qemu["image"] = ""
+    factory = dict(doc.get("factory", {}))
+    for key in ("vm_cache_number", "vm_cache_endpoint"):
+        if key in factory:  # Kata's cache of pre-booted VMs: templates replace it here
+            raise InvalidArgument(
+                f"{source}: factory.{key}: the VM cache is not implemented; use enable_template"
+            )
     config = Config(
         hypervisor=_section(HypervisorConfig, qemu, "hypervisor.qemu"),
         agent=_section(AgentConfig, agent.get("kata", {}), "agent.kata"),
         runtime=_section(RuntimeConfig, doc.get("runtime", {}), "runtime"),
+        factory=_section(FactoryConfig, factory, "factory"),
     )
     config.hypervisor.check_root(f"{source}: hypervisor.qemu")
     _check_config_kernel_params(config.hypervisor.kernel_params, source)

@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from shimv2.errdefs import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from shimv2.errdefs import (
+    Error,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from shimv2.vc.accel import choose_accelerator
 from shimv2.vc.console import RotatingLog, connect_console, relay_console
 from shimv2.vc.hypervisor import AgentEndpoint
@@ -46,7 +52,8 @@ NO_MITIGATIONS = ("mitigations=off", "nokaslr")
 COMMAND_LINE_SIZE = 2048  # x86's, with the final NUL
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 ACCEL_CACHE = Path("/run/kata-py/accel.json")
-HOTPLUG_PORTS = 4  # q35 only: PCIe root ports free for device hotplug
+HOTPLUG_PORTS = 4  # PCIe root ports free for device hotplug (q35, or late devices)
+RESTORE_TIMEOUT = 20.0  # seconds to load a template's state (~0.02 s measured)
 # TCG's translation cache, MiB: QEMU 7.2 reserves 1 GiB, fills ~94 MiB by the
 # time a container runs, and keeps it. Full, it is flushed and refilled: at 48
 # MiB start time did not change measurably (paired runs), at 32 +0.7 s, at 16
@@ -141,6 +148,15 @@ class QemuConfig:
     pass_fds: tuple[int, ...] = ()
     # The sandbox's cgroup (its cgroup.procs files): QEMU and virtiofsd start in it.
     cgroup: tuple[str, ...] = ()
+    # Guest RAM as files in this directory (tmpfs), mapped shared: a template's
+    # RAM, or a clone's own copy of it (``shimv2.vc.template``).
+    memory_dir: str | None = None
+    # A template's saved device state: QEMU starts paused and loads it (a clone).
+    incoming: str | None = None
+    # virtio-fs and NICs are plugged after start, on PCIe root ports (templates
+    # and clones: neither can be in a migrated VM). Device specs of the NICs.
+    late_devices: bool = False
+    hotplug_nics: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if self.machine not in ("microvm", "q35"):
@@ -164,6 +180,10 @@ class QemuConfig:
                 )
         if self.image:
             image_mib(self.image)
+        if len(self.hotplug_nics) >= HOTPLUG_PORTS:  # one port is virtio-fs's
+            raise InvalidArgument(f"at most {HOTPLUG_PORTS - 1} NICs can be plugged late")
+        if (self.incoming or self.hotplug_nics) and not self.late_devices:
+            raise InvalidArgument("a clone's devices are plugged late (late_devices)")
         if shutil.which(self.binary) is None:
             raise FailedPrecondition(f"hypervisor binary not found: {self.binary}")
 
@@ -190,6 +210,7 @@ class Qemu:
         self._stopping = False
         self._console_scope: trio.CancelScope | None = None
         self._console_done = trio.Event()
+        self.restored = False  # booted from a template's state, not cold
 
     # -- paths -------------------------------------------------------------
 
@@ -286,6 +307,10 @@ class Qemu:
 
             self._qmp = Qmp(self.vm_id)
             await self._connect_qmp()
+            if self.config.incoming:
+                await self._restore(self.config.incoming)
+            if self.config.late_devices:
+                await self._plug_late_devices()
         except BaseException:
             with trio.CancelScope(shield=True):
                 await self.shutdown()
@@ -300,6 +325,66 @@ class Qemu:
                     return
                 await trio.sleep(0.005)
         raise Unavailable(f"vm {self.vm_id}: QEMU did not start: {self._log_tail()}")
+
+    async def _restore(self, state: str) -> None:
+        """Load a template's device state (its RAM is already in ``memory_dir``), then run.
+
+        ``x-ignore-shared``: the state holds no RAM, the shared files are it. The
+        template was stopped before it was saved, so the clone loads paused. A
+        state QEMU refuses makes it exit: that is Unavailable, with its reason.
+        """
+        try:
+            await self._load(state)
+        except Error:
+            raise
+        except Exception as exc:  # QMP gone: QEMU quit on a state it could not load
+            with trio.move_on_after(1):
+                await self._exited.wait()
+            raise Unavailable(
+                f"vm {self.vm_id}: restore failed ({exc!r}): {self._log_tail()}"
+            ) from exc
+
+    async def _load(self, state: str) -> None:
+        qmp = self.qmp
+        await qmp.execute(
+            "migrate-set-capabilities",
+            {"capabilities": [{"capability": "x-ignore-shared", "state": True}]},
+        )
+        fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            await qmp.getfd("incoming", fd)
+        finally:
+            os.close(fd)
+        await qmp.execute("migrate-incoming", {"uri": "fd:incoming"})
+        with trio.move_on_after(RESTORE_TIMEOUT):
+            while not self._exited.is_set():
+                status = (await qmp.execute("query-status"))["status"]
+                if status != "inmigrate":
+                    break
+                await trio.sleep(0.005)
+            else:
+                status = "exited"
+            if status not in ("paused", "postmigrate", "running"):
+                raise Unavailable(f"vm {self.vm_id}: restore failed ({status}): {self._log_tail()}")
+            if status != "running":
+                await qmp.execute("cont")
+            self.restored = True
+            return
+        raise Unavailable(f"vm {self.vm_id}: restore took over {RESTORE_TIMEOUT:g}s")
+
+    async def _plug_late_devices(self) -> None:
+        """virtio-fs on the first root port, then the NICs; the guest's pciehp finds them."""
+        qmp = self.qmp
+        if self.config.shared_dir is not None:
+            await qmp.execute(
+                "device_add",
+                {"driver": "vhost-user-fs-pci", "id": "vfs0", "bus": "rp0",
+                 "chardev": "vfs", "tag": SHARED_TAG},
+            )  # fmt: skip
+        for i, spec in enumerate(self.config.hotplug_nics, start=1):
+            driver, *props = spec.split(",")
+            args = dict(p.split("=", 1) for p in props)
+            await qmp.execute("device_add", {"driver": driver, "bus": f"rp{i}", **args})
 
     @classmethod
     async def adopt(
@@ -415,6 +500,9 @@ class Qemu:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self._console_done.wait()
         shutil.rmtree(self.run_dir, ignore_errors=True)
+        if self.config.incoming and self.config.memory_dir:
+            # A clone's RAM is its own copy of the template's (a template keeps its own).
+            shutil.rmtree(self.config.memory_dir, ignore_errors=True)
 
     # -- command line ------------------------------------------------------
 
@@ -426,6 +514,9 @@ class Qemu:
         if self.config.image and self.config.machine == "microvm":
             # The image's RAM range becomes legacy pmem (/dev/pmem0), not guest RAM.
             params.append(f"memmap={image_mib(self.config.image)}M!{self._low_ram_mib()}M")
+        if self.config.late_devices:
+            # microvm's ACPI grants the guest no PCIe hotplug (_OSC): take it.
+            params.append("pcie_ports=native")
         cmdline = " ".join([*params, *self.config.kernel_params])
         if len(cmdline) >= COMMAND_LINE_SIZE:  # the guest would cut it silently
             raise InvalidArgument(
@@ -465,17 +556,19 @@ class Qemu:
             image_args, machine_opts = self._image_args()
             argv += image_args
             machine += machine_opts
+        elif microvm and cfg.late_devices:
+            machine += ",pcie=on"
+        if not (microvm and cfg.image) and (cfg.shared_dir is not None or cfg.memory_dir):
+            # vhost-user-fs needs guest RAM the virtiofsd process can map (on
+            # microvm with an image, _image_args made such RAM).
+            argv += ["-object", self._ram_backend("mem", cfg.memory_mib)]
+            machine += ",memory-backend=mem"
         if cfg.shared_dir is not None:
-            # vhost-user-fs needs guest RAM the virtiofsd process can map.
-            if not (microvm and cfg.image):  # there, _image_args made RAM of such memfds
-                argv += ["-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mib}M,share=on"]
-                machine += ",memory-backend=mem"
-            argv += [
-                "-chardev", f"socket,id=vfs,path={self.virtiofs_path}",
-                "-device", f"{'vhost-user-fs-device' if microvm else 'vhost-user-fs-pci'},"
-                f"chardev=vfs,tag={SHARED_TAG}",
-            ]  # fmt: skip
-        if not microvm:
+            argv += ["-chardev", f"socket,id=vfs,path={self.virtiofs_path}"]
+            if not cfg.late_devices:
+                argv += ["-device", f"{'vhost-user-fs-device' if microvm else 'vhost-user-fs-pci'},"
+                         f"chardev=vfs,tag={SHARED_TAG}"]  # fmt: skip
+        if not microvm or cfg.late_devices:
             # pcie.0 cannot hotplug; root ports can (one device each).
             for i in range(HOTPLUG_PORTS):
                 argv += ["-device", f"pcie-root-port,id=rp{i},bus=pcie.0,chassis={i + 1}"]
@@ -504,7 +597,17 @@ class Qemu:
         if cfg.free_page_reporting:
             dev = "virtio-balloon-device" if microvm else "virtio-balloon-pci"
             argv += ["-device", f"{dev},free-page-reporting=on"]
+        if cfg.incoming:
+            argv += ["-incoming", "defer"]  # loaded over QMP (``_restore``)
         return [*argv, *cfg.extra_args]
+
+    def _ram_backend(self, name: str, mib: int) -> str:
+        """Guest RAM that other processes can map: a memfd, or a file of ``memory_dir``."""
+        cfg = self.config
+        if cfg.memory_dir:
+            path = os.path.join(cfg.memory_dir, name).replace(",", ",,")
+            return f"memory-backend-file,id={name},size={mib}M,mem-path={path},share=on"
+        return f"memory-backend-memfd,id={name},size={mib}M,share=on"
 
     def _size_args(self) -> list[str]:
         cfg = self.config
@@ -541,15 +644,18 @@ class Qemu:
         image += ",share=on,readonly=on"
         if cfg.machine != "microvm":
             return ["-object", image, "-device", "virtio-pmem-pci,memdev=rootimg,id=rootpmem"], ""
-        # vhost-user-fs maps guest RAM: memfd then (the image, read-only, is not sent).
-        ram = "memory-backend-memfd" if cfg.shared_dir is not None else "memory-backend-ram"
-        share = ",share=on" if cfg.shared_dir is not None else ""
         low = self._low_ram_mib()
+
+        def ram(name: str, mib: int) -> str:
+            # vhost-user-fs maps guest RAM (the image, read-only, is not sent).
+            if cfg.shared_dir is not None or cfg.memory_dir:
+                return self._ram_backend(name, mib)
+            return f"memory-backend-ram,id={name},size={mib}M"
+
         args = [
-            "-object", f"{ram},id=mem,size={low}M{share}", "-numa", "node,memdev=mem",
+            "-object", ram("mem", low), "-numa", "node,memdev=mem",
             "-object", image, "-numa", "node,memdev=rootimg",
-            "-object", f"{ram},id=mem1,size={cfg.memory_mib - low}M{share}",
-            "-numa", "node,memdev=mem1",
+            "-object", ram("mem1", cfg.memory_mib - low), "-numa", "node,memdev=mem1",
         ]  # fmt: skip
         return args, ",pcie=on"
 

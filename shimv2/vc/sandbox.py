@@ -12,7 +12,9 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import signal
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,10 +34,12 @@ from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.ids import container_id, sandbox_id
 from shimv2.vc.persist import ContainerState, SandboxState, Store
 from shimv2.vc.procs import ProcessIdentity
-from shimv2.vc.qemu import Qemu
+from shimv2.vc.qemu import SHARED_TAG, Qemu
 from shimv2.vc.ratelimit import Backoff, TokenBucket
 
 log = logging.getLogger(__name__)
+
+CLONE_SEED_BYTES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +157,22 @@ class Sandbox:
         self.save()
         self.spawn(self.watch_vm)
         await self.connect_agent(config.agent.dial_timeout)
+        if self.vm.restored:
+            await self._fix_up_clone()
         self.spawn(self.watch_oom)
         await self._configure_guest_network()
+
+    async def _fix_up_clone(self) -> None:
+        """A clone starts with its template's RNG state and clock: renew both first.
+
+        Before anything runs in it: every clone of a template would otherwise
+        draw the same "random" bytes, and see the time the template was saved.
+        """
+        seed = agent_pb2.ReseedRandomDevRequest(data=os.urandom(CLONE_SEED_BYTES))
+        await self.agent.call("ReseedRandomDev", seed, Empty)
+        now = time.time_ns() // 1000
+        clock = agent_pb2.SetGuestDateTimeRequest(Sec=now // 1_000_000, Usec=now % 1_000_000)
+        await self.agent.call("SetGuestDateTime", clock, Empty)
 
     async def _configure_guest_network(self) -> None:
         """Give the guest the pod's addresses, routes and neighbours (matched by MAC)."""
@@ -181,6 +199,8 @@ class Sandbox:
         self.state.agent_socket = endpoint.unix_path or ""
         self.state.vsock_cid = endpoint.vsock_cid or 0
         self.state.hypervisor = {"machine": vm.config.machine, "accelerator": vm.accelerator}
+        if vm.restored and vm.config.memory_dir:  # a clone's RAM copy, removed with the pod
+            self.state.hypervisor["memory_dir"] = vm.config.memory_dir
 
     def endpoint(self) -> AgentEndpoint:
         if self.state.vsock_cid:
@@ -287,6 +307,14 @@ class Sandbox:
             dns=list(config.dns),
             sandbox_id=self.id,
         )
+        if self.vm is not None and self.vm.restored and self.state.shared_dir:
+            # A cold guest mounts the share at boot; a clone's arrives by hotplug.
+            request.storages.append(
+                agent_pb2.Storage(
+                    driver="virtio-fs", source=SHARED_TAG, fstype="virtiofs",
+                    mount_point=storage.GUEST_SHARED,
+                )
+            )  # fmt: skip
         await self.agent.call("CreateSandbox", request, Empty)
 
     # -- containers --------------------------------------------------------------
@@ -487,6 +515,9 @@ class Sandbox:
             await self.unmount_storage(c)
             del self.containers[cid]
         self.store.remove(self.id)
+        memory_dir = self.state.hypervisor.get("memory_dir")
+        if isinstance(memory_dir, str) and memory_dir:  # our own record, of our own copy
+            shutil.rmtree(memory_dir, ignore_errors=True)
 
 
 async def kill_recorded(state: SandboxState) -> None:

@@ -1,5 +1,6 @@
 """NetworkService against a real network namespace on the host, with busybox's ``ip``
-(what the guest has) and with iproute2's."""
+(what the guest has) and with iproute2's; its waits for hot-plugged NICs against
+FakeIpCommand, on trio's mock clock."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+import trio
 
 from shimv2.errdefs import InvalidArgument, NotFound
+from shimv2.guest import network
 from shimv2.guest.network import IpCommand, NetworkService, parse_links, parse_routes
+from shimv2.guest.testing import FakeIpCommand
 from shimv2.pb.kata import agent_pb2, types_pb2
 from shimv2.ttrpc import CallContext
 
@@ -88,7 +92,7 @@ async def test_update_interface_renames_a_clashing_link(netns: Netns) -> None:
 
 
 async def test_update_interface_errors(netns: Netns) -> None:
-    svc = NetworkService(netns.ip)
+    svc = NetworkService(netns.ip, link_wait=0)  # a missing MAC: NotFound at once
     with pytest.raises(NotFound):
         await svc.UpdateInterface(
             CTX, agent_pb2.UpdateInterfaceRequest(interface=interface(hwAddr="02:de:ad:00:00:01"))
@@ -161,6 +165,58 @@ async def test_add_arp_neighbors(netns: Netns) -> None:
     )
     with pytest.raises(InvalidArgument):
         await svc.AddARPNeighbors(CTX, req)
+
+
+async def test_update_interface_waits_for_a_hot_plugged_nic(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    ip = FakeIpCommand()
+    svc = NetworkService(ip)
+
+    async def plug() -> None:
+        await trio.sleep(0.3)  # runs only if the retries leave the event loop free
+        ip.add_link("eth1", MAC)
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(plug)
+        await svc.UpdateInterface(CTX, agent_pb2.UpdateInterfaceRequest(interface=interface()))
+    assert 0.3 <= trio.current_time() - start < 0.4
+    assert ip.link_listings > 2
+    assert ("-4", "addr", "add", "10.88.0.5/16", "dev", "eth1") in ip.commands
+    assert ("link", "set", "eth1", "mtu", "1400", "name", "eth0", "arp", "on") in ip.commands
+    assert ip.commands[-1] == ("link", "set", "eth0", "up")
+
+
+@pytest.mark.parametrize("wait", [None, 0.5])
+async def test_update_interface_gives_up_on_a_mac_after_the_deadline(
+    wait: float | None, autojump_clock: trio.abc.Clock
+) -> None:
+    ip = FakeIpCommand()
+    ip.add_link("eth1", "02:00:00:aa:bb:02")
+    svc = NetworkService(ip) if wait is None else NetworkService(ip, link_wait=wait)
+    start = trio.current_time()
+    with pytest.raises(NotFound, match=f"no link with MAC {MAC.upper()}"):
+        await svc.UpdateInterface(CTX, agent_pb2.UpdateInterfaceRequest(interface=interface()))
+    waited = trio.current_time() - start
+    deadline = network.LINK_WAIT if wait is None else wait
+    assert deadline <= waited < deadline + 0.1
+    assert ip.commands == []  # the other link left alone
+
+
+async def test_update_interface_by_name_is_not_waited_for(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    ip = FakeIpCommand()
+    ip.add_link("eth1", MAC)
+    svc = NetworkService(ip)
+    start = trio.current_time()
+    with pytest.raises(NotFound, match="no link named 'eth9'"):
+        await svc.UpdateInterface(
+            CTX, agent_pb2.UpdateInterfaceRequest(interface=interface(name="eth9", hwAddr=""))
+        )
+    assert trio.current_time() == start
+    assert ip.link_listings == 1
 
 
 def test_parse_busybox_and_iproute2_routes() -> None:

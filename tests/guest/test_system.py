@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import errno
+import struct
 
 import pytest
+import trio
 
 from shimv2.errdefs import AlreadyExists, FailedPrecondition, Internal, InvalidArgument
 from shimv2.guest import system
+from shimv2.guest.agent import Options, build_agent
 from shimv2.guest.system import GuestOS, SandboxService, guest_setup
 from shimv2.guest.testing import FakeGuestOS, fake_sysfs
 from shimv2.pb.kata import agent_pb2
@@ -81,9 +84,67 @@ async def test_create_sandbox_os_failure_is_internal_and_retryable() -> None:
     svc = SandboxService(guest)
     with pytest.raises(Internal):
         await svc.CreateSandbox(CTX, sandbox_request())
+    assert guest.calls["mount"] == 1  # not an error a late device explains: no retry
     del guest.fail["mount"]
     await svc.CreateSandbox(CTX, sandbox_request())
     assert svc.sandbox_id == "sb1"
+
+
+@pytest.mark.parametrize("err", [errno.EINVAL, errno.ENOENT])
+async def test_create_sandbox_waits_for_a_hot_plugged_virtio_fs_device(
+    err: int, autojump_clock: trio.abc.Clock
+) -> None:
+    guest = FakeGuestOS()
+    guest.fail["mount"] = OSError(err, "virtio-fs: tag kataShared not found")
+    svc = SandboxService(guest)
+
+    async def plug() -> None:
+        await trio.sleep(0.3)  # runs only if the mount's retries leave the event loop free
+        del guest.fail["mount"]
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(plug)
+        await svc.CreateSandbox(CTX, sandbox_request())
+    assert 0.3 <= trio.current_time() - start < 0.4
+    assert guest.mounts == {
+        "/run/kata-containers/shared/containers": ("kataShared", "virtiofs", "")
+    }
+    assert svc.mounted == ["/run/kata-containers/shared/containers"]
+    assert guest.calls["mount"] > 2
+    assert svc.sandbox_id == "sb1"
+
+
+@pytest.mark.parametrize("wait", [None, 0.5])
+async def test_create_sandbox_gives_up_on_a_virtio_fs_tag_after_the_deadline(
+    wait: float | None, autojump_clock: trio.abc.Clock
+) -> None:
+    guest = FakeGuestOS()
+    guest.fail["mount"] = OSError(errno.EINVAL, "virtio-fs: tag kataShared not found")
+    svc = SandboxService(guest) if wait is None else SandboxService(guest, mount_wait=wait)
+    start = trio.current_time()
+    with pytest.raises(Internal, match="tag kataShared not found"):
+        await svc.CreateSandbox(CTX, sandbox_request())
+    waited = trio.current_time() - start
+    deadline = system.MOUNT_WAIT if wait is None else wait
+    assert deadline <= waited < deadline + 0.1
+    assert svc.sandbox_id is None
+    assert svc.mounted == []
+
+
+async def test_create_sandbox_retries_only_virtio_fs_mounts(
+    autojump_clock: trio.abc.Clock,
+) -> None:
+    guest = FakeGuestOS()
+    guest.fail["mount"] = OSError(errno.EINVAL, "bad option")
+    svc = SandboxService(guest)
+    req = sandbox_request()
+    req.storages[0].fstype = "9p"
+    start = trio.current_time()
+    with pytest.raises(Internal):
+        await svc.CreateSandbox(CTX, req)
+    assert trio.current_time() == start
+    assert guest.calls["mount"] == 1
 
 
 async def test_create_sandbox_loads_kernel_modules() -> None:
@@ -147,6 +208,78 @@ async def test_online_cpu_mem() -> None:
     assert guest.files[f"{cpu}/cpu3/online"] == "1"
     mem = "/sys/devices/system/memory"
     assert [guest.files[f"{mem}/memory{i}/online"].strip() for i in (0, 1, 2)] == ["1"] * 3
+
+
+async def test_reseed_random_dev_feeds_the_kernel_then_python() -> None:
+    guest = FakeGuestOS()
+    svc = SandboxService(guest)
+    data = bytes(range(256)) * 16
+    await svc.ReseedRandomDev(CTX, agent_pb2.ReseedRandomDevRequest(data=data))
+    assert guest.entropy == [data]  # 4096 bytes: the most accepted
+    assert guest.random_reseeds == 1
+
+
+@pytest.mark.parametrize("size", [0, system.MAX_ENTROPY + 1])
+async def test_reseed_random_dev_rejects_no_data_or_too_much(size: int) -> None:
+    guest = FakeGuestOS()
+    svc = SandboxService(guest)
+    with pytest.raises(InvalidArgument):
+        await svc.ReseedRandomDev(CTX, agent_pb2.ReseedRandomDevRequest(data=b"x" * size))
+    assert guest.entropy == []
+    assert guest.random_reseeds == 0
+
+
+async def test_reseed_random_dev_os_failure_is_internal() -> None:
+    guest = FakeGuestOS()
+    guest.fail["add_entropy"] = OSError(errno.EPERM, "RNDADDENTROPY on /dev/random: denied")
+    svc = SandboxService(guest)
+    with pytest.raises(Internal, match="RNDADDENTROPY on /dev/random: denied"):
+        await svc.ReseedRandomDev(CTX, agent_pb2.ReseedRandomDevRequest(data=b"seed"))
+    assert guest.random_reseeds == 0  # os.urandom was not reseeded: no use seeding from it
+
+
+def test_rand_pool_info_and_ioctl_numbers() -> None:
+    info = system.rand_pool_info(b"abc")
+    assert struct.unpack_from("ii", info) == (24, 3)  # bits credited, bytes
+    assert info[8:] == b"abc"
+    assert isinstance(info, bytearray)  # fcntl.ioctl passes only a mutable buffer as is
+
+    def ioc(direction: int, nr: int, size: int) -> int:  # linux/ioctl.h
+        return direction << 30 | size << 16 | ord("R") << 8 | nr
+
+    assert ioc(1, 0x03, struct.calcsize("2i")) == system._RNDADDENTROPY  # _IOW
+    assert ioc(0, 0x07, 0) == system._RNDRESEEDCRNG  # _IO
+
+
+async def test_set_guest_date_time() -> None:
+    guest = FakeGuestOS()
+    svc = SandboxService(guest)
+    req = agent_pb2.SetGuestDateTimeRequest(Sec=1_700_000_000, Usec=999_999)
+    await svc.SetGuestDateTime(CTX, req)
+    assert guest.realtime == (1_700_000_000, 999_999)
+
+
+@pytest.mark.parametrize(("sec", "usec"), [(0, 0), (-1, 0), (1, -1), (1, 1_000_000), (2**62, 0)])
+async def test_set_guest_date_time_rejects_bad_times(sec: int, usec: int) -> None:
+    guest = FakeGuestOS()
+    svc = SandboxService(guest)
+    with pytest.raises(InvalidArgument):
+        await svc.SetGuestDateTime(CTX, agent_pb2.SetGuestDateTimeRequest(Sec=sec, Usec=usec))
+    assert guest.realtime is None
+
+
+async def test_set_guest_date_time_os_failure_is_internal() -> None:
+    guest = FakeGuestOS()
+    guest.fail["set_realtime"] = OSError(errno.EPERM, "Operation not permitted")
+    svc = SandboxService(guest)
+    with pytest.raises(Internal, match="Operation not permitted"):
+        await svc.SetGuestDateTime(CTX, agent_pb2.SetGuestDateTimeRequest(Sec=1, Usec=0))
+
+
+def test_the_agent_serves_the_clone_rpcs() -> None:
+    agent = build_agent(Options(), guest=FakeGuestOS(), load_containers=False)
+    for rpc in ("ReseedRandomDev", "SetGuestDateTime"):
+        assert agent.server.lookup("grpc.AgentService", rpc) is not None, rpc
 
 
 def test_guest_setup_runs_every_step() -> None:

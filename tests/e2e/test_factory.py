@@ -1,0 +1,83 @@
+"""Pods cloned from a VM template, as containerd sees them (``[factory] enable_template``).
+
+One containerd (2.4) whose shims read a configuration with templates on; the
+template is built with ``kata-py factory init`` as an operator would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shimv2.vc.qemu import default_guest_dir
+from tests.e2e.conftest import IMAGE, RUNTIME, Containerd, assert_nothing_left, shim_sockets
+from tests.e2e.test_ctr import cid, remove
+from tests.leaks import cgroup_dirs
+
+pytestmark = pytest.mark.vm
+
+ROOT = Path(__file__).resolve().parents[2]
+GUEST_KERNEL = (default_guest_dir() / "kver").read_text().strip()
+
+
+@pytest.fixture(scope="module")
+def templated() -> Iterator[tuple[Containerd, Path]]:
+    """containerd 2.4 whose kata-py shims clone pods from a template built for them."""
+    base = Path(f"/run/kpy-e2e-{uuid.uuid4().hex[:6]}")
+    base.mkdir()
+    shm = Path("/dev/shm") / f"kpy-e2e-{uuid.uuid4().hex[:6]}"
+    config = base / "configuration.toml"
+    config.write_text(f'[factory]\nenable_template = true\ntemplate_path = "{shm}/template"\n')
+    cli = [sys.executable, "-m", "shimv2.cli", "--config", str(config), "factory"]
+    release = ROOT / "build" / "containerd-v2.4.2"
+    cd = Containerd(
+        str(release / "containerd"), str(release / "ctr"), base, "2.4",
+        env={"KATA_PY_CONFIG": str(config)},
+    )  # fmt: skip
+    try:
+        subprocess.run([*cli, "init"], check=True, cwd=ROOT, timeout=300)
+        status = subprocess.run([*cli, "status"], capture_output=True, text=True, cwd=ROOT)
+        assert status.returncode == 0, status.stdout  # this configuration has its template
+        cd.start()
+        cd.import_image(IMAGE)
+        yield cd, shm
+    finally:
+        cd.stop()
+        subprocess.run(["umount", "-R", str(base / "root")], check=False, capture_output=True)
+        shutil.rmtree(base, ignore_errors=True)
+        subprocess.run([*cli, "destroy"], check=False, cwd=ROOT)
+        shutil.rmtree(shm, ignore_errors=True)
+
+
+def test_ctr_run_from_a_template(templated: tuple[Containerd, Path]) -> None:
+    cd, shm = templated
+    before, cgroups_before = shim_sockets(), cgroup_dirs()
+    out = cd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, cid(), "uname", "-r")
+    assert out.stdout.strip() == GUEST_KERNEL
+    failed = cd.ctr(
+        "run", "--rm", "--runtime", RUNTIME, IMAGE, cid(), "sh", "-c", "exit 3", check=False
+    )
+    assert failed.returncode == 3
+
+    name = cid()
+    cd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, name, "sleep", "1000")
+    try:
+        state = json.loads(Path(f"/run/kata-py/sbs/{name}/state.json").read_text())
+        memory_dir = state["hypervisor"]["memory_dir"]  # recorded for clones only
+        assert memory_dir.startswith(f"{shm}/clones/")
+        assert os.path.isdir(memory_dir)
+        exec_out = cd.ctr("task", "exec", "--exec-id", "e1", name, "uname", "-r")
+        assert exec_out.stdout.strip() == GUEST_KERNEL
+    finally:
+        remove(cd, name)
+    assert not os.path.exists(memory_dir)
+    assert list((shm / "clones").iterdir()) == []
+    assert_nothing_left(before, cgroups_before)
