@@ -124,13 +124,16 @@ def ksm_mib(pid: int) -> float:
     return _kib(Path(f"/proc/{pid}/smaps_rollup").read_text(), "KSM:") / 1024
 
 
-def guest_pss_mib(pid: int, boot_files: tuple[str, ...] = ()) -> dict[str, float]:
+def guest_pss_mib(
+    pid: int, boot_files: tuple[str, ...] = (), ram_dirs: tuple[str, ...] = ()
+) -> dict[str, float]:
     """The Pss of a process's mappings of what the guest sees as memory, MiB.
 
     ``guest_ram``: memfd guest RAM (QEMU's ``memory-backend-memfd``; virtiofsd maps
     it too, to reach the guest's buffers). ``guest_image``: files mapped shared,
     such as a root image the guest maps with DAX (one copy in the page cache).
     ``guest_boot``: QEMU's mappings of ``boot_files`` (kernel, initrd), kept for reset.
+    Files under ``ram_dirs`` are guest RAM too (a template clone's own copy).
     """
     total = {"guest_ram": 0, "guest_image": 0, "guest_boot": 0}
     kind: str | None = None
@@ -138,7 +141,7 @@ def guest_pss_mib(pid: int, boot_files: tuple[str, ...] = ()) -> dict[str, float
         head = line.split(None, 5)
         if len(head) >= 5 and "-" in head[0] and not head[0].endswith(":"):
             path = head[5].removesuffix(" (deleted)") if len(head) == 6 else ""
-            if path.startswith("/memfd:"):
+            if path.startswith("/memfd:") or any(path.startswith(d + "/") for d in ram_dirs):
                 kind = "guest_ram"
             elif path and path in boot_files:
                 kind = "guest_boot"

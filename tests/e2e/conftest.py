@@ -22,12 +22,15 @@ from pathlib import Path
 
 import pytest
 
+from shimv2.vc.config import FactoryConfig
+from shimv2.vc.template import clones_dir
 from tests.leaks import cgroup_dirs, vm_processes
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "localhost/kata-py/busybox:latest"
 RUNTIME = "io.containerd.kata-py.v2"
 SHIM = "containerd-shim-kata-py-v2"
+DEFAULT_CLONES = clones_dir(FactoryConfig().template_path)
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Containerd:
     # None turns the plugin off.
     cri_config: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)  # more environment for containerd
+    templated: bool = False  # its kata-py pods are cloned from a VM template
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -166,7 +170,8 @@ def assert_nothing_left(sockets_before: set[str], cgroups_before: set[str]) -> N
         os.kill(pid, signal.SIGKILL)
     left = [
         f"{d.name}/{entry}"
-        for d in (Path("/run/kata-py/sbs"), Path("/run/kata-py/monitor"))
+        # and the RAM copies of pods cloned from a template (its default place)
+        for d in (Path("/run/kata-py/sbs"), Path("/run/kata-py/monitor"), DEFAULT_CLONES)
         if d.exists()
         for entry in sorted(os.listdir(d))
     ]

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -100,21 +101,36 @@ class Cri:
         return str(path)
 
 
+CONTAINERD_24 = tuple(str(ROOT / "build" / "containerd-v2.4.2" / b) for b in ("containerd", "ctr"))
+# (version, containerd, ctr, pods cloned from a VM template)
 CRI_VERSIONS = [
-    ("1.6", "/usr/bin/containerd", "/usr/bin/ctr"),
-    ("2.4.2", *(str(ROOT / "build" / "containerd-v2.4.2" / b) for b in ("containerd", "ctr"))),
+    ("1.6", "/usr/bin/containerd", "/usr/bin/ctr", False),
+    ("2.4.2", *CONTAINERD_24, False),
+    ("2.4.2", *CONTAINERD_24, True),
 ]
 
 
-@pytest.fixture(scope="module", params=CRI_VERSIONS, ids=lambda v: f"containerd-{v[0]}")
+def _cri_id(param: tuple[str, str, str, bool]) -> str:
+    return f"containerd-{param[0]}" + ("-template" if param[3] else "")
+
+
+@pytest.fixture(scope="module", params=CRI_VERSIONS, ids=_cri_id)
 def cri_containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
-    version, binary, ctr_binary = request.param
+    version, binary, ctr_binary, templated = request.param
     for exe in (binary, ctr_binary, str(CRICTL), str(CRITEST)):
         assert os.access(exe, os.X_OK), f"{exe} is missing: run scripts/setup"
     base = Path(f"/run/kpy-cri-{uuid.uuid4().hex[:6]}")
     (base / "cni").mkdir(parents=True)
     (base / "cni" / "10-kpy.conflist").write_text(json.dumps(cni_conflist()))
-    cd = Containerd(binary, ctr_binary, base, version, cri_config(base))
+    shm = Path("/dev/shm") / base.name
+    env: dict[str, str] = {}
+    if templated:  # the shims read a configuration with templates on, built first
+        config = base / "configuration.toml"
+        config.write_text(f'[factory]\nenable_template = true\ntemplate_path = "{shm}/template"\n')
+        cli = [sys.executable, "-m", "shimv2.cli", "--config", str(config), "factory", "init"]
+        subprocess.run(cli, check=True, cwd=ROOT, timeout=300)
+        env = {"KATA_PY_CONFIG": str(config)}
+    cd = Containerd(binary, ctr_binary, base, version, cri_config(base), env, templated=templated)
     cd.start()
     try:
         cd.import_image(IMAGE, namespace="k8s.io")
@@ -125,6 +141,7 @@ def cri_containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
         subprocess.run(["umount", "-R", str(base / "root")], check=False, capture_output=True)
         subprocess.run(["ip", "link", "del", BRIDGE], check=False, capture_output=True)
         shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(shm, ignore_errors=True)
         shutil.rmtree(f"/var/lib/cni/networks/{cni_conflist()['name']}", ignore_errors=True)
 
 
@@ -189,6 +206,9 @@ def test_a_pod_of_two_containers_runs_in_one_vm(cri: Cri, tmp_path: Path) -> Non
             bootstrap = json.loads((pod_bundle / "bootstrap.json").read_text())
             assert bootstrap["version"] == 3
             assert json.loads((app_bundle / "bootstrap.json").read_text()) == bootstrap
+        if cri.containerd.templated:  # the pod's VM is a clone: its RAM copy is recorded
+            state = json.loads(Path(f"/run/kata-py/sbs/{pod}/state.json").read_text())
+            assert Path(state["hypervisor"]["memory_dir"]).is_dir()
         # one shim and one VM for the pod, and the containers run in it
         assert len(shim_pids()) == 1
         assert len([p for p in vm_processes("kata-py-") if "qemu-system" in p]) == 1

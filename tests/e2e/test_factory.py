@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +20,16 @@ from pathlib import Path
 import pytest
 
 from shimv2.vc.qemu import default_guest_dir
-from tests.e2e.conftest import IMAGE, RUNTIME, Containerd, assert_nothing_left, shim_sockets
+from tests.e2e.conftest import (
+    IMAGE,
+    RUNTIME,
+    Containerd,
+    assert_nothing_left,
+    shim_pids,
+    shim_sockets,
+)
 from tests.e2e.test_ctr import cid, remove
-from tests.leaks import cgroup_dirs
+from tests.leaks import cgroup_dirs, vm_processes
 
 pytestmark = pytest.mark.vm
 
@@ -80,4 +89,25 @@ def test_ctr_run_from_a_template(templated: tuple[Containerd, Path]) -> None:
         remove(cd, name)
     assert not os.path.exists(memory_dir)
     assert list((shm / "clones").iterdir()) == []
+    assert_nothing_left(before, cgroups_before)
+
+
+def test_a_killed_clones_shim_is_cleaned_up_by_delete(templated: tuple[Containerd, Path]) -> None:
+    cd, shm = templated
+    before, cgroups_before = shim_sockets(), cgroup_dirs()
+    name = cid()
+    cd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, name, "sleep", "1000")
+    try:
+        memory_dir = shm / "clones" / name
+        assert memory_dir.is_dir()
+        assert len(shim_pids()) == 1
+        os.kill(shim_pids()[0], signal.SIGKILL)
+        # containerd runs the shim's `delete`, which cleans up from the state alone,
+        # the clone's copy of the template's RAM included.
+        deadline = time.monotonic() + 60
+        while vm_processes(f"kata-py-{name}") or memory_dir.exists():
+            assert time.monotonic() < deadline, vm_processes(f"kata-py-{name}")
+            time.sleep(0.5)
+    finally:
+        remove(cd, name)
     assert_nothing_left(before, cgroups_before)

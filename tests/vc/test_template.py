@@ -57,6 +57,8 @@ def test_the_key_follows_what_the_guest_is_booted_from_and_with(tmp_path: Path) 
         {"kernel_params": ("kata_py.runtime=runc",)}, {"machine": "q35"}, {"tcg_tb_size": 32},
     ):  # fmt: skip
         assert template_key(dataclasses.replace(base, **change)) != key, change
+    # Templates and clones talk to the agent over virtio-serial, whatever the pod asks.
+    assert template_key(dataclasses.replace(base, agent_channel="vsock")) == key
     kernel.write_bytes(b"rebuilt")  # a new guest kernel: a new template
     assert template_key(base) != key
 

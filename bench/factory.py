@@ -1,0 +1,197 @@
+#!/opt/kata-py/venv/bin/python
+"""What VM templates buy: kata-py cold, kata-py cloned from a template, and runc, in one run.
+
+Through one private containerd (Debian's, or ``--containerd PATH``) and the
+locally built busybox image. The template runtime is a wrapper (an absolute
+shim path, which containerd accepts) that points the kata-py shim at a
+configuration with ``[factory] enable_template = true``; its template is built
+first with ``kata-py factory init``, and its build time reported.
+
+1. ``ctr run --rm`` of busybox ``true``, N times each, alternating runc, cold
+   kata-py and templated kata-py, after one warm-up run of each: medians, ratios.
+2. ``--pods`` idle pods started at once (one ``ctr run -d`` each, in parallel):
+   the time until the last ``ctr run -d`` returned, for runc, cold and templated.
+3. One idle pod of each kind: PSS by process, the guest's RAM apart. A clone's
+   RAM is its own copy on a tmpfs; pages of it that neither QEMU nor virtiofsd
+   has touched are in no process's PSS, so the copy is counted whole (its
+   allocated blocks) and QEMU's and virtiofsd's mappings of it are left out.
+   The template's own RAM (once per node) is shown apart.
+
+    bench/factory.py [-n 5] [--pods 10] [--containerd … --ctr …] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from _common import (
+    IMAGE,
+    Containerd,
+    guest_pss_mib,
+    private_containerd,
+    processes,
+    pss_mib,
+    remove_task,
+    runtimes,
+)
+from pod_cost import pod_roles, timed_run
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIM = "/usr/local/bin/containerd-shim-kata-py-v2"
+IDLE = ["sleep", "100000"]
+SETTLE = 5.0
+
+
+def templated_runtime(where: Path, shm: Path) -> tuple[Path, Path]:
+    """A configuration with templates on, and a shim wrapper that uses it."""
+    config = where / "configuration.toml"
+    config.write_text(f'[factory]\nenable_template = true\ntemplate_path = "{shm}/template"\n')
+    wrapper = where / "containerd-shim-kpytemplate-v2"
+    wrapper.write_text(f'#!/bin/sh\nKATA_PY_CONFIG={config} exec {SHIM} "$@"\n')
+    wrapper.chmod(0o755)
+    return config, wrapper
+
+
+def factory_cli(config: Path, action: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "shimv2.cli", "--config", str(config), "factory", action]
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, check=True)
+
+
+def parallel_start(cd: Containerd, runtime: str, pods: int) -> float:
+    """Seconds from starting ``pods`` ``ctr run -d`` at once until the last returned."""
+    names = [f"p{uuid.uuid4().hex[:8]}" for _ in range(pods)]
+
+    def run(name: str) -> None:
+        cd.ctr("run", "-d", "--runtime", runtime, IMAGE, name, *IDLE, timeout=600)
+
+    t0 = time.monotonic()
+    try:
+        with ThreadPoolExecutor(max_workers=pods) as pool:
+            list(pool.map(run, names))
+        return time.monotonic() - t0
+    finally:
+        with ThreadPoolExecutor(max_workers=pods) as pool:
+            list(pool.map(lambda n: remove_task(cd, n), names))
+
+
+def pod_memory(cd: Containerd, runtime: str, clones: Path) -> dict[str, float]:
+    """PSS (MiB) by process of one idle pod, the guest's RAM apart."""
+    name = f"m{uuid.uuid4().hex[:8]}"
+    cd.ctr("run", "-d", "--runtime", runtime, IMAGE, name, *IDLE)
+    try:
+        time.sleep(SETTLE)
+        copy = clones / name
+        usage: dict[str, float] = {}
+        for role, pids in pod_roles(name, processes()).items():
+            for pid in pids:
+                guest = guest_pss_mib(pid, ram_dirs=(str(copy),))
+                own = pss_mib(pid) - guest["guest_ram"] - guest["guest_image"]
+                usage[role] = usage.get(role, 0.0) + own
+                usage["guest_image"] = usage.get("guest_image", 0.0) + guest["guest_image"]
+                if not copy.exists():  # memfd RAM: all of it is mapped by QEMU
+                    usage["guest_ram"] = usage.get("guest_ram", 0.0) + guest["guest_ram"]
+        if copy.exists():
+            usage["guest_ram"] = allocated_mib(copy)
+        usage["total"] = sum(usage.values())
+        return usage
+    finally:
+        remove_task(cd, name)
+
+
+def allocated_mib(path: Path) -> float:
+    return sum(f.stat().st_blocks * 512 for f in path.iterdir() if f.is_file()) / (1 << 20)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("-n", type=int, default=5, help="ctr run --rm runs of each")
+    parser.add_argument("--pods", type=int, default=10, help="pods started at once")
+    parser.add_argument("--containerd", default="/usr/bin/containerd")
+    parser.add_argument("--ctr", default="/usr/bin/ctr")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    shm = Path("/dev/shm") / f"kpy-bench-{uuid.uuid4().hex[:6]}"
+    try:
+        with tempfile.TemporaryDirectory(prefix="kpy-factory-") as tmp:
+            config, wrapper = templated_runtime(Path(tmp), shm)
+            t0 = time.monotonic()
+            factory_cli(config, "init")
+            build = time.monotonic() - t0
+            template_mib = sum(allocated_mib(d) for d in (shm / "template").iterdir() if d.is_dir())
+            with private_containerd(args.containerd, args.ctr) as cd:
+                base = runtimes(args.containerd)
+                kinds = {"runc": base["runc"], "cold": base["kata-py"], "template": str(wrapper)}
+                for runtime in kinds.values():  # warm-up: page cache, the accelerator probe
+                    timed_run(cd, runtime)
+                times: dict[str, list[float]] = {k: [] for k in kinds}
+                for _ in range(args.n):
+                    for kind, runtime in kinds.items():
+                        times[kind].append(timed_run(cd, runtime))
+                together = {k: parallel_start(cd, r, args.pods) for k, r in kinds.items()}
+                memory = {
+                    k: pod_memory(cd, r, shm / "clones") for k, r in kinds.items() if k != "runc"
+                }
+                memory["runc"] = pod_memory(cd, kinds["runc"], shm / "clones")
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    if args.json:
+        print(json.dumps({"build": build, "template_mib": template_mib, "times": times,
+                          "together": together, "memory": memory}))  # fmt: skip
+        return 0
+    print(report(args, build, template_mib, med, together, memory))
+    return 0
+
+
+def report(
+    args: argparse.Namespace,
+    build: float,
+    template_mib: float,
+    med: dict[str, float],
+    together: dict[str, float],
+    memory: dict[str, dict[str, float]],
+) -> str:
+    version = subprocess.run([args.containerd, "--version"], capture_output=True, text=True)
+    rows = [
+        f"{version.stdout.strip()}; {os.cpu_count()} CPUs; template built in {build:.1f} s, "
+        f"{template_mib:.0f} MiB on tmpfs (once per node)",
+        "",
+        "| | kata-py, template | kata-py, cold | runc |",
+        "|---|---|---|---|",
+        f"| `ctr run --rm` busybox `true`, median of {args.n} (alternating) "
+        f"| {med['template']:.2f} s ({med['template'] / med['runc']:.1f}x runc) "
+        f"| {med['cold']:.2f} s ({med['cold'] / med['runc']:.1f}x runc) | {med['runc']:.2f} s |",
+        f"| {args.pods} pods started at once, until the last `ctr run -d` returned "
+        f"| {together['template']:.1f} s | {together['cold']:.1f} s | {together['runc']:.1f} s |",
+    ]
+    labels = {
+        "shim": "PSS of one idle pod, MiB: shim",
+        "qemu": "QEMU, less the guest's memory",
+        "guest_ram": "guest RAM (cold: memfd; template: the clone's copy, whole)",
+        "guest_image": "guest root image (shared file, DAX)",
+        "virtiofsd": "virtiofsd, less guest RAM",
+        "container": "container's processes (on the host)",
+        "total": "**total**",
+    }
+    for role, label in labels.items():
+        cells = [
+            f"{memory[k][role]:.1f}" if role in memory[k] else "-"
+            for k in ("template", "cold", "runc")
+        ]
+        rows.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
