@@ -78,13 +78,18 @@ def _checks(config_path: str | None) -> list[tuple[str, bool, str]]:
     check("root", os.geteuid() == 0, "mounts, taps and namespaces need root")
     v2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
     check("host cgroups", True, "v2" if v2 else "v1 (stats are reported as cgroups v1 Metrics)")
-    check(
-        "vsock",
-        True,
-        "/dev/vhost-vsock present"
-        if os.path.exists("/dev/vhost-vsock")
-        else "absent: virtio-serial",
-    )
+    from shimv2.vc.vsock import default_backend, resolve_channel
+
+    backend = hyp.vsock_backend or default_backend()
+    channel = resolve_channel(hyp.agent_channel, backend)
+    detail = {
+        "vsock": "vsock (/dev/vhost-vsock)",
+        "hybrid-vsock": f"hybrid-vsock ({backend or 'vhost-device-vsock: not found'})",
+        "serial": "serial (virtio-serial)",
+    }[channel]
+    usable = channel != "hybrid-vsock" or (bool(backend) and os.access(backend, os.X_OK))
+    usable = usable and (channel != "vsock" or os.path.exists("/dev/vhost-vsock"))
+    check("agent channel", usable, f"{detail}; agent_channel = {hyp.agent_channel}")
     if qemu is not None and os.path.isfile(hyp.kernel):
         from shimv2.vc.accel import choose_accelerator
         from shimv2.vc.qemu import ACCEL_CACHE

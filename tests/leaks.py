@@ -21,11 +21,12 @@ def _cmdlines() -> dict[int, str]:
 
 
 def vm_processes(marker: str) -> list[str]:
-    """QEMU or virtiofsd processes whose command line mentions ``marker``."""
+    """QEMU, virtiofsd or vsock backend processes whose command line mentions ``marker``."""
+    helpers = ("qemu-system", "virtiofsd", "vhost-device-vsock")
     return [
         f"{pid}: {cmd[:200]}"
         for pid, cmd in _cmdlines().items()
-        if marker in cmd and ("qemu-system" in cmd or "virtiofsd" in cmd)
+        if marker in cmd and any(h in cmd for h in helpers)
     ]
 
 

@@ -30,6 +30,8 @@ DEFAULT_TIMEOUT = 60.0
 # Kata gives these no deadline: they block until something happens in the guest.
 UNBOUNDED = frozenset({"WaitProcess", "GetOOMEvent", "ReadStdout", "ReadStderr"})
 MAX_ERROR_TEXT = 1024
+HANDSHAKE_TIMEOUT = 5.0
+MAX_HANDSHAKE_REPLY = 32  # "OK 4294967295\n" is 14
 
 T = TypeVar("T", bound=Message)
 
@@ -70,6 +72,14 @@ class AgentClient:
 async def _open_stream(endpoint: AgentEndpoint) -> trio.SocketStream:
     if endpoint.unix_path is not None:
         return await open_unix_stream(endpoint.unix_path)
+    if endpoint.hybrid_path is not None:
+        stream = await open_unix_stream(endpoint.hybrid_path)
+        try:
+            await hybrid_handshake(stream, endpoint.vsock_port)
+        except BaseException:
+            await stream.aclose()
+            raise
+        return stream
     if endpoint.vsock_cid is None:
         raise Unavailable("agent endpoint has neither a unix path nor a vsock cid")
     sock = trio.socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
@@ -79,6 +89,37 @@ async def _open_stream(endpoint: AgentEndpoint) -> trio.SocketStream:
         sock.close()
         raise
     return trio.SocketStream(sock)
+
+
+async def hybrid_handshake(stream: trio.abc.Stream, port: int) -> None:
+    """Firecracker's hybrid vsock: ``CONNECT <port>\n``, answered ``OK <n>\n``.
+
+    What ``n`` is differs between backends (vhost-device-vsock says the guest
+    port, Firecracker a host port): any number will do. The reply is read a
+    byte at a time, so nothing of the ttrpc stream after it is consumed, and
+    bounded. A backend that closes first (the guest is not listening yet) is an
+    OSError, which the caller retries; anything else is Unavailable.
+    """
+    line = b""
+    try:
+        with trio.fail_after(HANDSHAKE_TIMEOUT):
+            await stream.send_all(f"CONNECT {port}\n".encode())
+            while not line.endswith(b"\n"):
+                byte = await stream.receive_some(1)
+                if not byte:
+                    raise ConnectionResetError(f"hybrid vsock: closed before OK to CONNECT {port}")
+                line += byte
+                if len(line) > MAX_HANDSHAKE_REPLY:
+                    raise Unavailable(f"hybrid vsock: reply too long: {line[:32]!r}")
+    except trio.BrokenResourceError as exc:
+        raise ConnectionResetError(f"hybrid vsock: CONNECT {port}: {exc}") from exc
+    except trio.TooSlowError:
+        raise Unavailable(
+            f"hybrid vsock: no reply to CONNECT {port} in {HANDSHAKE_TIMEOUT:g}s"
+        ) from None
+    words = line.split()
+    if len(words) != 2 or words[0] != b"OK" or not words[1].isdigit():
+        raise Unavailable(f"hybrid vsock: unexpected reply to CONNECT {port}: {line!r}")
 
 
 @asynccontextmanager

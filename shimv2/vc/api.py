@@ -176,6 +176,9 @@ class VirtContainers:
                 self._nursery,
                 start_time=state.qemu_start_time,
                 virtiofsd_start_time=state.virtiofsd_start_time,
+                channel=state.agent_channel,
+                vsock_backend_pid=state.vsock_backend_pid,
+                vsock_backend_start_time=state.vsock_backend_start_time,
             )
         except (OSError, trio.TooSlowError) as exc:
             log.warning("sandbox %s: VM is gone (%s)", state.id, exc)

@@ -22,6 +22,7 @@ from typing import Any
 from shimv2.errdefs import InvalidArgument
 from shimv2.vc.qemu import DEFAULT_MEMORY_MIB, TCG_TB_SIZE_MIB, QemuConfig, default_guest_dir
 from shimv2.vc.virtiofsd import VIRTIOFSD
+from shimv2.vc.vsock import default_backend
 
 DEFAULT_PATH = Path("/etc/kata-py/configuration.toml")
 ANNOTATION_PREFIX = "io.katacontainers.config."
@@ -79,7 +80,10 @@ class HypervisorConfig:
     default_memory: int = DEFAULT_MEMORY_MIB
     kernel_params: str = ""
     virtio_fs_daemon: str = VIRTIOFSD
+    # auto | vsock | hybrid-vsock | serial (shimv2.vc.vsock); auto takes the first
+    # this host supports. hybrid-vsock runs vsock_backend ("": build/bin or PATH).
     agent_channel: str = "auto"
+    vsock_backend: str = ""
     enable_annotations: tuple[str, ...] = ()
     # The guest kernel's Spectre/Meltdown-class mitigations (and KASLR) stay on
     # unless this turns them off, trading isolation inside the guest for speed
@@ -115,6 +119,7 @@ class HypervisorConfig:
             shared_dir=shared_dir,
             virtiofsd=self.virtio_fs_daemon,
             agent_channel=self.agent_channel,
+            vsock_backend=self.vsock_backend or default_backend(),
             disable_mitigations=self.disable_guest_mitigations,
             tcg_tb_size=self.tcg_tb_size,
             ksm=self.enable_ksm,

@@ -15,11 +15,13 @@ import trio
 
 @dataclass(frozen=True, slots=True)
 class AgentEndpoint:
-    """Where the guest agent listens: a unix socket (virtio-serial) or vsock."""
+    """Where the guest agent listens: a unix socket (virtio-serial), vsock, or
+    hybrid vsock (a unix socket that forwards to ``vsock_port`` once asked)."""
 
     unix_path: str | None = None
     vsock_cid: int | None = None
     vsock_port: int = 1024
+    hybrid_path: str | None = None
 
 
 class Hypervisor(Protocol):

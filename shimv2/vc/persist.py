@@ -53,8 +53,11 @@ class SandboxState:
     # them from a later process that got the pid. 0 in states written before.
     qemu_start_time: int = 0
     virtiofsd_start_time: int = 0
-    agent_socket: str = ""
+    agent_socket: str = ""  # virtio-serial's socket, or hybrid vsock's
     vsock_cid: int = 0
+    agent_channel: str = ""  # serial | vsock | hybrid-vsock; "" in states written before
+    vsock_backend_pid: int = 0  # hybrid-vsock's vhost-device-vsock
+    vsock_backend_start_time: int = 0
     shared_dir: str = ""
     netns: str = ""
     taps: list[str] = field(default_factory=list)

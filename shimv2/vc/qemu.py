@@ -2,8 +2,8 @@
 
 microvm with the uncompressed kernel (PVH) boots fastest under TCG (see the
 VM recipe); q35 is there for what microvm lacks (PCI hotplug). The agent
-channel is a virtio-serial port backed by a unix socket on the host, or vsock
-where ``/dev/vhost-vsock`` exists.
+channel is vsock (the kernel's, or hybrid through vhost-device-vsock) or a
+virtio-serial port backed by a unix socket on the host (``shimv2.vc.vsock``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ from shimv2.vc.console import RotatingLog, connect_console, relay_console
 from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.procs import Adopted, Child, ProcessIdentity
 from shimv2.vc.virtiofsd import VIRTIOFSD, start_virtiofsd
+from shimv2.vc.vsock import (
+    CHANNELS,
+    backend_argv_marker,
+    default_backend,
+    resolve_channel,
+    start_backend,
+)
 
 if TYPE_CHECKING:
     # QMP brings asyncio and qemu.qmp: imported when a VM is started or adopted, not
@@ -140,7 +147,9 @@ class QemuConfig:
     # Directory exported to the guest over virtio-fs; None = no virtio-fs.
     shared_dir: str | None = None
     virtiofsd: str = VIRTIOFSD
-    agent_channel: str = "auto"  # serial | vsock | auto (vsock where the host has it)
+    # auto | vsock | hybrid-vsock | serial: ``shimv2.vc.vsock``
+    agent_channel: str = "auto"
+    vsock_backend: str = field(default_factory=default_backend)  # for hybrid-vsock
     # A virtio-serial port for the guest's debug shell (``kata-py exec``).
     debug_console: bool = False
     # Devices known only at launch (network taps): arguments and the fds they name.
@@ -161,9 +170,9 @@ class QemuConfig:
     def validate(self) -> None:
         if self.machine not in ("microvm", "q35"):
             raise InvalidArgument(f"machine must be microvm or q35, not {self.machine!r}")
-        if self.agent_channel not in ("auto", "serial", "vsock"):
+        if self.agent_channel not in CHANNELS:
             raise InvalidArgument(
-                f"agent channel must be auto, serial or vsock: {self.agent_channel!r}"
+                f"agent channel must be one of {', '.join(CHANNELS)}: {self.agent_channel!r}"
             )
         if not 1 <= self.vcpus <= 64 or not 128 <= self.memory_mib <= 262144:
             raise InvalidArgument(f"bad VM size: {self.vcpus} vCPUs, {self.memory_mib} MiB")
@@ -205,6 +214,8 @@ class Qemu:
         self._virtiofsd: Child | Adopted | None = None
         self._qmp: Qmp | None = None
         self._vsock_cid: int | None = None
+        self._vsock_backend: Child | Adopted | None = None
+        self.channel: str | None = None  # the agent channel, once started
         self._exited = trio.Event()
         self._exit_status: int | None = None
         self._stopping = False
@@ -225,6 +236,24 @@ class Qemu:
     @property
     def virtiofs_path(self) -> Path:
         return self.run_dir / "vfs.sock"
+
+    @property
+    def vhost_vsock_path(self) -> Path:
+        """hybrid-vsock: the vhost-user socket the backend serves to QEMU."""
+        return self.run_dir / "vhu.sock"
+
+    @property
+    def hybrid_vsock_path(self) -> Path:
+        """hybrid-vsock: where the host dials the guest (``CONNECT <port>``)."""
+        return self.run_dir / "vsock.sock"
+
+    @property
+    def vsock_backend_pid(self) -> int | None:
+        return self._vsock_backend.pid if self._vsock_backend is not None else None
+
+    @property
+    def vsock_backend_start_time(self) -> int:
+        return self._vsock_backend.start_time if self._vsock_backend is not None else 0
 
     @property
     def console_path(self) -> Path:
@@ -265,7 +294,23 @@ class Qemu:
     def agent_endpoint(self) -> AgentEndpoint:
         if self._vsock_cid is not None:
             return AgentEndpoint(vsock_cid=self._vsock_cid)
+        if self.channel == "hybrid-vsock":
+            return AgentEndpoint(hybrid_path=str(self.hybrid_vsock_path))
         return AgentEndpoint(unix_path=str(self.agent_path))
+
+    def _channel(self) -> str:
+        """The agent channel; before ``start`` (a command line printed in a test),
+        ``auto`` stands for serial."""
+        if self.channel is not None:
+            return self.channel
+        return "serial" if self.config.agent_channel == "auto" else self.config.agent_channel
+
+    def _shared_ram(self) -> bool:
+        """Guest RAM other processes map: virtiofsd, a vsock backend, a template's files."""
+        cfg = self.config
+        return (
+            cfg.shared_dir is not None or bool(cfg.memory_dir) or self._channel() == "hybrid-vsock"
+        )
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -285,10 +330,17 @@ class Qemu:
                     binary=self.config.virtiofsd,
                     cgroup=self.config.cgroup,
                 )
-            if self.config.agent_channel == "vsock" or (
-                self.config.agent_channel == "auto" and os.path.exists("/dev/vhost-vsock")
-            ):
+            self.channel = resolve_channel(self.config.agent_channel, self.config.vsock_backend)
+            if self.channel == "vsock":
                 self._vsock_cid = random.randrange(3, 1 << 31)
+            elif self.channel == "hybrid-vsock":
+                self._vsock_backend = await start_backend(
+                    self.vhost_vsock_path,
+                    self.hybrid_vsock_path,
+                    self.run_dir / "vsock.log",
+                    binary=self.config.vsock_backend,
+                    cgroup=self.config.cgroup,
+                )
             with open(self.run_dir / "qemu.log", "ab") as qemu_log:
                 self._qemu = await Child.spawn(
                     "qemu",
@@ -298,8 +350,9 @@ class Qemu:
                     cgroup=self.config.cgroup,
                 )
             nursery.start_soon(self._watch, self._qemu)
-            if self._virtiofsd is not None:
-                nursery.start_soon(self._watch_virtiofsd, self._virtiofsd)
+            for helper in (self._virtiofsd, self._vsock_backend):
+                if helper is not None:
+                    nursery.start_soon(self._watch_helper, helper)
             # Before QMP: the console listens before the guest runs, QMP only after.
             if not await nursery.start(self._relay_console):
                 raise Unavailable(f"vm {self.vm_id}: QEMU did not start: {self._log_tail()}")
@@ -399,6 +452,9 @@ class Qemu:
         *,
         start_time: int = 0,
         virtiofsd_start_time: int = 0,
+        channel: str = "",
+        vsock_backend_pid: int = 0,
+        vsock_backend_start_time: int = 0,
     ) -> Qemu:
         """Take over a running VM started by another process (from persisted state).
 
@@ -410,6 +466,15 @@ class Qemu:
         """
         vm = cls(vm_id, config, run_dir)
         vm._qemu = Adopted("qemu", ProcessIdentity(pid, start_time, ("-name", f"kata-py-{vm_id}")))
+        vm.channel = channel or ("vsock" if vsock_cid else "serial")
+        if vsock_backend_pid:
+            marker = backend_argv_marker(vm.vhost_vsock_path, vm.hybrid_vsock_path)
+            identity = ProcessIdentity(vsock_backend_pid, vsock_backend_start_time, marker)
+            try:
+                vm._vsock_backend = Adopted("vhost-device-vsock", identity)
+            except ProcessLookupError:
+                vm._qemu.close()
+                raise
         if virtiofsd_pid:
             # Older virtiofsd command lines named their socket; newer ones pass an fd.
             legacy = None if virtiofsd_start_time else ("--socket-path", str(vm.virtiofs_path))
@@ -421,8 +486,9 @@ class Qemu:
                 raise
         vm._vsock_cid = vsock_cid or None
         nursery.start_soon(vm._watch, vm._qemu)
-        if vm._virtiofsd is not None:
-            nursery.start_soon(vm._watch_virtiofsd, vm._virtiofsd)
+        for helper in (vm._virtiofsd, vm._vsock_backend):
+            if helper is not None:
+                nursery.start_soon(vm._watch_helper, helper)
         from shimv2.vc.qmp import Qmp
 
         vm._qmp = Qmp(vm_id)
@@ -459,15 +525,17 @@ class Qemu:
         self._exit_status = status
         self._exited.set()
         log.info("vm %s: QEMU exited with %d", self.vm_id, status)
-        if self._virtiofsd is not None:
-            await self._virtiofsd.stop()
+        for helper in (self._virtiofsd, self._vsock_backend):
+            if helper is not None:
+                await helper.stop()
 
-    async def _watch_virtiofsd(self, virtiofsd: Child | Adopted) -> None:
-        """A VM whose virtiofsd died has lost its containers' root filesystems: end it."""
-        status = await virtiofsd.wait()
+    async def _watch_helper(self, helper: Child | Adopted) -> None:
+        """A VM whose virtiofsd died has lost its containers' root filesystems, and one
+        whose vsock backend died has lost its agent: end it."""
+        status = await helper.wait()
         if self._exited.is_set() or self._stopping:
             return
-        log.error("vm %s: virtiofsd exited (%d); stopping the VM", self.vm_id, status)
+        log.error("vm %s: %s exited (%d); stopping the VM", self.vm_id, helper.name, status)
         if self._qemu is not None:
             await self._qemu.stop(grace=1.0)
 
@@ -493,8 +561,9 @@ class Qemu:
             self._qmp = None
         if self._qemu is not None:
             await self._qemu.stop(grace=timeout)
-        if self._virtiofsd is not None:
-            await self._virtiofsd.stop()
+        for helper in (self._virtiofsd, self._vsock_backend):
+            if helper is not None:
+                await helper.stop()
         if self._console_scope is not None:  # no console write after the rmtree
             self._console_scope.cancel()
             with trio.CancelScope(shield=True), trio.move_on_after(1):
@@ -507,7 +576,7 @@ class Qemu:
     # -- command line ------------------------------------------------------
 
     def kernel_cmdline(self) -> str:
-        channel = "vsock" if self._vsock_cid is not None else "serial"
+        channel = "serial" if self._channel() == "serial" else "vsock"
         params = [*FAST_PARAMS, f"tsc_early_khz={host_tsc_khz()}", f"kata_py.channel={channel}"]
         if self.config.disable_mitigations:
             params += NO_MITIGATIONS
@@ -558,7 +627,7 @@ class Qemu:
             machine += machine_opts
         elif microvm and cfg.late_devices:
             machine += ",pcie=on"
-        if not (microvm and cfg.image) and (cfg.shared_dir is not None or cfg.memory_dir):
+        if not (microvm and cfg.image) and self._shared_ram():
             # vhost-user-fs needs guest RAM the virtiofsd process can map (on
             # microvm with an image, _image_args made such RAM).
             argv += ["-object", self._ram_backend("mem", cfg.memory_mib)]
@@ -578,9 +647,16 @@ class Qemu:
         # KSM: QEMU marks guest RAM mergeable unless told not to.
         argv += ["-M", f"{machine},mem-merge={'on' if cfg.ksm else 'off'}"]
         serial = "virtio-serial-device" if microvm else "virtio-serial-pci"
-        if self._vsock_cid is not None:
+        channel = self._channel()
+        if channel == "vsock":
             dev = "vhost-vsock-device" if microvm else "vhost-vsock-pci"
-            argv += ["-device", f"{dev},guest-cid={self._vsock_cid}"]
+            argv += ["-device", f"{dev},guest-cid={self._vsock_cid or 3}"]
+        elif channel == "hybrid-vsock":
+            dev = "vhost-user-vsock-device" if microvm else "vhost-user-vsock-pci"
+            argv += [
+                "-chardev", f"socket,id=vsock,path={self.vhost_vsock_path}",
+                "-device", f"{dev},chardev=vsock",
+            ]  # fmt: skip
         else:
             argv += [
                 "-device", f"{serial},id=vser0",
@@ -588,7 +664,7 @@ class Qemu:
                 "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
             ]  # fmt: skip
         if cfg.debug_console:
-            if self._vsock_cid is not None:
+            if channel != "serial":
                 argv += ["-device", f"{serial},id=vser0"]
             argv += [
                 "-chardev", f"socket,id=dbgcon,path={self.debug_console_path},server=on,wait=off",
@@ -648,7 +724,7 @@ class Qemu:
 
         def ram(name: str, mib: int) -> str:
             # vhost-user-fs maps guest RAM (the image, read-only, is not sent).
-            if cfg.shared_dir is not None or cfg.memory_dir:
+            if self._shared_ram():
                 return self._ram_backend(name, mib)
             return f"memory-backend-ram,id={name},size={mib}M"
 

@@ -36,6 +36,7 @@ from shimv2.vc.persist import ContainerState, SandboxState, Store
 from shimv2.vc.procs import ProcessIdentity
 from shimv2.vc.qemu import SHARED_TAG, Qemu
 from shimv2.vc.ratelimit import Backoff, TokenBucket
+from shimv2.vc.vsock import backend_argv_marker
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +197,11 @@ class Sandbox:
         self.state.virtiofsd_pid = vm.virtiofsd_pid or 0
         self.state.qemu_start_time = vm.start_time
         self.state.virtiofsd_start_time = vm.virtiofsd_start_time
-        self.state.agent_socket = endpoint.unix_path or ""
+        self.state.agent_socket = endpoint.unix_path or endpoint.hybrid_path or ""
         self.state.vsock_cid = endpoint.vsock_cid or 0
+        self.state.agent_channel = vm.channel or ""
+        self.state.vsock_backend_pid = vm.vsock_backend_pid or 0
+        self.state.vsock_backend_start_time = vm.vsock_backend_start_time
         self.state.hypervisor = {"machine": vm.config.machine, "accelerator": vm.accelerator}
         if vm.restored and vm.config.memory_dir:  # a clone's RAM copy, removed with the pod
             self.state.hypervisor["memory_dir"] = vm.config.memory_dir
@@ -205,6 +209,8 @@ class Sandbox:
     def endpoint(self) -> AgentEndpoint:
         if self.state.vsock_cid:
             return AgentEndpoint(vsock_cid=self.state.vsock_cid)
+        if self.state.agent_channel == "hybrid-vsock":
+            return AgentEndpoint(hybrid_path=self.state.agent_socket)
         return AgentEndpoint(unix_path=self.state.agent_socket)
 
     async def connect_agent(self, dial_timeout: float) -> None:
@@ -529,7 +535,10 @@ async def kill_recorded(state: SandboxState) -> None:
     belong to another sandbox's VM by now.
     """
     legacy_socket = ("--socket-path", str(Path(state.vm_dir) / "vfs.sock"))
+    vm_dir = Path(state.vm_dir)
+    backend = backend_argv_marker(vm_dir / "vhu.sock", vm_dir / "vsock.sock")  # Qemu's paths
     identities = (
+        ProcessIdentity(state.vsock_backend_pid, state.vsock_backend_start_time, backend),
         ProcessIdentity(state.qemu_pid, state.qemu_start_time, ("-name", f"kata-py-{state.id}")),
         ProcessIdentity(
             state.virtiofsd_pid,

@@ -11,6 +11,7 @@ socket, driven by a script in a thread (``kata-py exec`` is synchronous).
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import socket
 import threading
@@ -255,3 +256,40 @@ class FakeDebugConsole:
                     pass
         except BaseException as exc:  # reported by the test, not lost in the thread
             self.error = exc
+
+
+class FakeHybridBackend:
+    """A hybrid vsock socket that answers ``CONNECT`` with ``reply`` and then echoes.
+
+    ``reply`` None closes the connection instead (a guest not listening yet).
+    ``requests`` keeps the CONNECT lines received.
+    """
+
+    def __init__(self, path: Path, reply: bytes | None = b"OK 1024\n") -> None:
+        self.path = path
+        self.reply = reply
+        self.requests: list[bytes] = []
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = await open_unix_listener(str(self.path))
+        task_status.started()
+        await trio.serve_listeners(self._one, [listener])
+
+    async def _one(self, stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):  # a client that hung up
+            await self._answer(stream)
+
+    async def _answer(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            line = b""
+            while not line.endswith(b"\n") and len(line) < 64:
+                chunk = await stream.receive_some(1)
+                if not chunk:
+                    return
+                line += chunk
+            self.requests.append(line)
+            if self.reply is None:
+                return
+            await stream.send_all(self.reply)
+            while data := await stream.receive_some(4096):
+                await stream.send_all(data)

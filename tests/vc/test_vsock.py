@@ -1,0 +1,154 @@
+"""The agent channels: choosing one, hybrid vsock's handshake, and VMs on each."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+from shimv2.errdefs import Unavailable
+from shimv2.vc.agent import connect_agent, hybrid_handshake
+from shimv2.vc.hypervisor import AgentEndpoint
+from shimv2.vc.qemu import Qemu, QemuConfig
+from shimv2.vc.testing import FakeHybridBackend
+from shimv2.vc.vsock import default_backend, resolve_channel
+from tests.leaks import vm_processes
+
+
+def _qemu(tmp_path: Path, **overrides: object) -> Qemu:
+    share = tmp_path / "shared"
+    share.mkdir(exist_ok=True)
+    config = QemuConfig(shared_dir=str(share), **overrides)  # type: ignore[arg-type]
+    vm_id = f"v-{uuid.uuid4().hex[:12]}"
+    return Qemu(vm_id, config, Path("/run/kata-py/vm") / vm_id)
+
+
+def test_auto_takes_the_first_channel_this_host_supports(tmp_path: Path) -> None:
+    backend = tmp_path / "vhost-device-vsock"
+    backend.write_text("#!/bin/sh\n")
+    backend.chmod(0o755)
+    vhost = tmp_path / "vhost-vsock"
+    assert resolve_channel("auto", str(backend), str(vhost)) == "hybrid-vsock"
+    vhost.touch()
+    assert resolve_channel("auto", str(backend), str(vhost)) == "vsock"
+    assert resolve_channel("auto", "", str(tmp_path / "none")) == "serial"
+    assert resolve_channel("auto", str(tmp_path / "missing"), str(tmp_path / "none")) == "serial"
+    for explicit in ("serial", "vsock", "hybrid-vsock"):
+        assert resolve_channel(explicit, "", str(vhost)) == explicit
+
+
+def test_each_channel_on_the_command_line(tmp_path: Path) -> None:
+    for machine, suffix in (("microvm", "device"), ("q35", "pci")):
+        kernel = _qemu(tmp_path, machine=machine, agent_channel="vsock")
+        argv = kernel.argv()
+        # The kernel's vhost-vsock, exactly as a host with /dev/vhost-vsock runs it.
+        assert f"vhost-vsock-{suffix},guest-cid=3" in argv
+        assert "kata_py.channel=vsock" in " ".join(argv)
+        assert not any("agent.channel.0" in a for a in argv)
+        hybrid = _qemu(tmp_path, machine=machine, agent_channel="hybrid-vsock")
+        argv = hybrid.argv()
+        assert f"socket,id=vsock,path={hybrid.vhost_vsock_path}" in argv
+        assert f"vhost-user-vsock-{suffix},chardev=vsock" in argv
+        assert "kata_py.channel=vsock" in " ".join(argv)
+        serial = _qemu(tmp_path, machine=machine, agent_channel="serial")
+        argv = serial.argv()
+        assert "kata_py.channel=serial" in " ".join(argv)
+        assert any("name=agent.channel.0" in a for a in argv)
+        assert not any("vsock" in a for a in argv)
+    # vhost-user needs guest RAM the backend can map, even without virtio-fs.
+    bare = Qemu("v-bare", QemuConfig(agent_channel="hybrid-vsock", image=""), tmp_path / "b")
+    assert any(a.startswith("memory-backend-memfd,id=mem,") for a in bare.argv())
+
+
+async def test_the_hybrid_handshake(tmp_path: Path, nursery: trio.Nursery) -> None:
+    async def dial(reply: bytes | None) -> trio.SocketStream:
+        backend = FakeHybridBackend(tmp_path / f"h{uuid.uuid4().hex[:6]}.sock", reply)
+        await nursery.start(backend.serve)
+        stream = await trio.open_unix_socket(str(backend.path))
+        try:
+            await hybrid_handshake(stream, 1024)
+        except BaseException:
+            await stream.aclose()
+            raise
+        assert backend.requests == [b"CONNECT 1024\n"]
+        return stream
+
+    # Whatever number follows OK (the guest port here, a host port for Firecracker).
+    for reply in (b"OK 1024\n", b"OK 52731\n"):
+        stream = await dial(reply)
+        await stream.send_all(b"ttrpc")  # nothing of the stream was read with the reply
+        assert await stream.receive_some(5) == b"ttrpc"
+        await stream.aclose()
+    for bad in (b"ERR no listener\n", b"OK\n", b"OK 12 34\n", b"x" * 40):
+        with pytest.raises(Unavailable, match="hybrid vsock"):
+            await dial(bad)
+    with pytest.raises(ConnectionResetError):  # not listening yet: the caller retries
+        await dial(None)
+
+
+async def test_connect_agent_retries_until_the_guest_listens(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    backend = FakeHybridBackend(tmp_path / "late.sock", reply=None)
+    await nursery.start(backend.serve)
+    endpoint = AgentEndpoint(hybrid_path=str(backend.path))
+    with pytest.raises(Unavailable, match="agent not reachable"):
+        async with connect_agent(endpoint, ready_timeout=0.5):
+            pass
+    assert len(backend.requests) >= 2  # it kept asking
+
+
+@pytest.mark.vm
+@pytest.mark.parametrize("channel", ["hybrid-vsock", "serial"])
+async def test_a_vm_on_each_channel_answers_and_leaves_nothing(
+    tmp_path: Path, nursery: trio.Nursery, channel: str
+) -> None:
+    assert default_backend(), "vhost-device-vsock is missing: run scripts/setup"
+    vm = _qemu(tmp_path, agent_channel=channel)
+    await vm.start(nursery)
+    try:
+        assert vm.channel == channel
+        async with connect_agent(vm.agent_endpoint(), ready_timeout=90) as agent:
+            assert await agent.check(timeout=10)
+        if channel == "hybrid-vsock":
+            assert vm.vsock_backend_pid is not None
+            assert vm.agent_endpoint().hybrid_path == str(vm.hybrid_vsock_path)
+        else:
+            assert vm.vsock_backend_pid is None
+    finally:
+        await vm.shutdown()
+    assert vm_processes(vm.vm_id) == []
+    assert not vm.run_dir.exists()
+
+
+@pytest.mark.vm
+async def test_a_killed_vsock_backend_ends_the_vm(tmp_path: Path, nursery: trio.Nursery) -> None:
+    vm = _qemu(tmp_path, agent_channel="hybrid-vsock")
+    await vm.start(nursery)
+    try:
+        assert vm.vsock_backend_pid is not None
+        os.kill(vm.vsock_backend_pid, signal.SIGKILL)  # like a dead virtiofsd
+        with trio.fail_after(10):
+            await vm.wait_exited()
+    finally:
+        await vm.shutdown()
+    assert vm_processes(vm.vm_id) == []
+
+
+def test_check_reports_the_channel(tmp_path: Path) -> None:
+    from shimv2 import cli
+
+    config = tmp_path / "configuration.toml"
+    config.write_text('[hypervisor.qemu]\nagent_channel = "serial"\n')
+    checks = {name: (ok, detail) for name, ok, detail in cli._checks(str(config))}
+    assert checks["agent channel"] == (True, "serial (virtio-serial); agent_channel = serial")
+    config.write_text(
+        '[hypervisor.qemu]\nagent_channel = "hybrid-vsock"\nvsock_backend = "/nonexistent"\n'
+    )
+    ok, detail = {n: (o, d) for n, o, d in cli._checks(str(config))}["agent channel"]
+    assert not ok
+    assert detail.startswith("hybrid-vsock (/nonexistent)")
