@@ -564,7 +564,8 @@ async def test_qemu_and_virtiofsd_are_charged_to_the_pod_cgroup(
     hierarchies = cgroup_hierarchies()
     names = ["" if h.name == "cgroup" else h.name for h in hierarchies]  # "" = v2
     assert "memory" in names or names == [""]
-    for pid in (vm.pid, vm.virtiofsd_pid):
+    assert vm.vsock_backend_pid is not None  # auto: hybrid vsock on this host
+    for pid in (vm.pid, vm.virtiofsd_pid, vm.vsock_backend_pid):
         joined = process_cgroups(pid)
         assert {n: joined[n] for n in names} == dict.fromkeys(names, path), pid
     # The exec left each its own command line, which pid identity checks read.
