@@ -411,10 +411,23 @@ def attach_console(path: str, stdin: int, stdout: int) -> int:
 
 
 def cmd_factory(args: argparse.Namespace) -> int:
-    """``factory init | status | destroy``: the VM templates pods are cloned from."""
+    """``factory init | status | destroy``: the VM templates pods are cloned from;
+    ``factory serve``: warm shims (``shimv2.shim.warm``)."""
     from shimv2.vc import template
     from shimv2.vc.config import load_config
 
+    if args.action == "serve":  # warm shims, in the foreground (a service runs it)
+        import logging
+
+        from shimv2.shim import warm
+
+        if args.title_room is None:
+            # Again, with room in the argument area for the shims' command lines
+            # (shimv2.shim.warm.set_cmdline).
+            again = [sys.executable, sys.argv[0], "factory", "serve", "--socket", args.socket]
+            os.execv(sys.executable, [*again, "--title-room", "." * warm.TITLE_ROOM])
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+        return warm.serve(args.socket)
     config = load_config(args.config)
     path = config.factory.template_path
     qemu = config.qemu(None)
@@ -464,7 +477,9 @@ def build_parser() -> argparse.ArgumentParser:
     metrics.add_argument("sandbox", help="the sandbox (pod) id")
     metrics.set_defaults(func=cmd_metrics)
     factory = sub.add_parser("factory", help="the VM templates pods start from")
-    factory.add_argument("action", choices=("init", "status", "destroy"))
+    factory.add_argument("action", choices=("init", "status", "destroy", "serve"))
+    factory.add_argument("--socket", default="/run/kata-py/shims.sock", help="serve: where")
+    factory.add_argument("--title-room", help=argparse.SUPPRESS)
     factory.set_defaults(func=cmd_factory)
     return parser
 

@@ -34,7 +34,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         print(f"{PROGRAM} {package_version()}")
         return 0
     if flags.info:
-        return _fail("-info is not implemented (no RuntimeInfo yet)")
+        return _info()
     if flags.action == "start":
         return _start(flags)
     if flags.action == "delete":
@@ -42,6 +42,19 @@ def run(argv: Sequence[str] | None = None) -> int:
     from shimv2.shim import daemon
 
     return daemon.run(flags)
+
+
+def _info() -> int:
+    from shimv2.cli import package_version
+    from shimv2.shim.info import runtime_info
+
+    try:
+        output = runtime_info(sys.stdin.buffer.read(), package_version())
+    except Error as exc:
+        return _fail(exc.message)
+    sys.stdout.buffer.write(output)
+    sys.stdout.flush()
+    return 0
 
 
 def _setup_log(flags: Flags) -> None:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from typing import Any as AnyT
 
 from shimv2.errdefs import AlreadyExists, InvalidArgument
+from shimv2.shim import warm
 from shimv2.shim.flags import Flags
 from shimv2.shim.logging import LOG_FIFO, open_log_fifo
 
@@ -63,6 +64,7 @@ MAX_SOCKET_PATH = 106
 RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
 CONFIG_ENV = "KATA_PY_CONFIG"
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+WARM_SHIMS_ENV = "KATA_PY_SHIM_SERVER"  # another server socket than warm.SOCKET
 
 
 def default_entry() -> list[str]:
@@ -267,6 +269,7 @@ def spawn_daemon(
     """Start the daemon: ``sock`` as fd 3, a new session, stdio not ours, SIGTERM blocked.
 
     stdout and stderr go to the log FIFO when containerd reads one, else /dev/null.
+    A warm shim server (``shimv2.shim.warm``), when one runs, forks it instead.
     """
     # Above 3, so that dup2(…, 3) really clears close-on-exec.
     sock_fd = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 4)
@@ -274,6 +277,12 @@ def spawn_daemon(
     if out_fd is None:
         out_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
     try:
+        server = env.get(WARM_SHIMS_ENV) or warm.SOCKET
+        pid = warm.request_daemon(argv, env, bundle, sock_fd, out_fd, server)
+        if pid is not None:
+            log.info("start: a warm shim, forked by the server at %s", server)
+            _oom_score_adj(pid)
+            return pid
         pid = os.posix_spawn(
             entry[0],
             [*entry, *argv],

@@ -44,6 +44,7 @@ class Containerd:
     cri_config: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)  # more environment for containerd
     templated: bool = False  # its kata-py pods are cloned from a VM template
+    channel: str = ""  # the agent channel its kata-py pods use ("": auto)
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
 
@@ -121,12 +122,19 @@ def _built(version: str) -> tuple[str, str, str]:
     return version, str(release / "containerd"), str(release / "ctr")
 
 
+# (version, containerd, ctr, the agent channel the shims use: "" = auto, here
+# hybrid vsock; the newest containerd also runs everything over virtio-serial)
 VERSIONS = [
-    ("1.6", "/usr/bin/containerd", "/usr/bin/ctr"),
-    _built("1.7.35"),
-    _built("2.2.9"),
-    _built("2.4.2"),
+    ("1.6", "/usr/bin/containerd", "/usr/bin/ctr", ""),
+    (*_built("1.7.35"), ""),
+    (*_built("2.2.9"), ""),
+    (*_built("2.4.2"), ""),
+    (*_built("2.4.2"), "serial"),
 ]
+
+
+def _version_id(param: tuple[str, str, str, str]) -> str:
+    return f"containerd-{param[0]}" + (f"-{param[3]}" if param[3] else "")
 
 
 def shim_pids() -> list[int]:
@@ -134,14 +142,19 @@ def shim_pids() -> list[int]:
     return [int(p) for p in out.stdout.split()]
 
 
-@pytest.fixture(scope="session", params=VERSIONS, ids=lambda v: f"containerd-{v[0]}")
+@pytest.fixture(scope="session", params=VERSIONS, ids=_version_id)
 def containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
-    version, binary, ctr_binary = request.param
+    version, binary, ctr_binary, channel = request.param
     for exe in (binary, ctr_binary):
         assert os.access(exe, os.X_OK), f"{exe} is missing: run scripts/setup"
     base = Path(f"/run/kpy-e2e-{uuid.uuid4().hex[:6]}")
     base.mkdir()
-    cd = Containerd(binary, ctr_binary, base, version)
+    env = {}
+    if channel:
+        config = base / "configuration.toml"
+        config.write_text(f'[hypervisor.qemu]\nagent_channel = "{channel}"\n')
+        env["KATA_PY_CONFIG"] = str(config)
+    cd = Containerd(binary, ctr_binary, base, version, env=env, channel=channel)
     cd.start()
     cd.import_image(IMAGE)
     yield cd

@@ -288,3 +288,13 @@ def test_a_pod_memory_limit_sizes_its_vm(cri: Cri, tmp_path: Path) -> None:
     finally:
         cri("stopp", pod)
         cri("rmp", pod)
+
+
+def test_the_handler_reports_what_kata_py_supports(cri: Cri) -> None:
+    """containerd 2.x asks the shim (``-info``) and tells the kubelet the handler's features."""
+    status = json.loads(cri("info"))["status"]
+    if cri.containerd.version == "1.6":
+        assert "runtimeHandlers" not in status  # 1.6's CRI has no introspection
+        return
+    handlers = {h.get("name", ""): h.get("features", {}) for h in status["runtimeHandlers"]}
+    assert handlers[HANDLER] == {"recursiveReadOnlyMounts": True}  # userNamespaces: false

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from shimv2.shim.bootstrap import WARM_SHIMS_ENV
 from shimv2.vc.qemu import default_guest_dir
 from tests.e2e.conftest import (
     IMAGE,
@@ -47,10 +48,9 @@ def templated() -> Iterator[tuple[Containerd, Path]]:
     config.write_text(f'[factory]\nenable_template = true\ntemplate_path = "{shm}/template"\n')
     cli = [sys.executable, "-m", "shimv2.cli", "--config", str(config), "factory"]
     release = ROOT / "build" / "containerd-v2.4.2"
-    cd = Containerd(
-        str(release / "containerd"), str(release / "ctr"), base, "2.4",
-        env={"KATA_PY_CONFIG": str(config)},
-    )  # fmt: skip
+    # Shims use a warm shim server there when one runs (test_warm_shims), else start cold.
+    env = {"KATA_PY_CONFIG": str(config), WARM_SHIMS_ENV: str(base / "shims.sock")}
+    cd = Containerd(str(release / "containerd"), str(release / "ctr"), base, "2.4", env=env)
     try:
         subprocess.run([*cli, "init"], check=True, cwd=ROOT, timeout=300)
         status = subprocess.run([*cli, "status"], capture_output=True, text=True, cwd=ROOT)
@@ -110,4 +110,37 @@ def test_a_killed_clones_shim_is_cleaned_up_by_delete(templated: tuple[Container
             time.sleep(0.5)
     finally:
         remove(cd, name)
+    assert_nothing_left(before, cgroups_before)
+
+
+def test_warm_shims_are_forked_by_the_server(templated: tuple[Containerd, Path]) -> None:
+    cd, _ = templated
+    before, cgroups_before = shim_sockets(), cgroup_dirs()
+    path = cd.env[WARM_SHIMS_ENV]
+    kata_py = f"{sys.executable.rsplit('/', 1)[0]}/kata-py"
+    server = subprocess.Popen([kata_py, "factory", "serve", "--socket", path])
+    name = cid()
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.exists(path):
+            assert server.poll() is None
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        out = cd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, cid(), "uname", "-r")
+        assert out.stdout.strip() == GUEST_KERNEL
+        cd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, name, "sleep", "1000")
+        [shim] = shim_pids()  # found by its command line, the shim's own
+        stat = Path(f"/proc/{shim}/stat").read_text().rsplit(")", 1)[1].split()
+        assert int(stat[1]) == server.pid  # forked by the server, not spawned
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=10) == 0
+        # The pod outlives the server that forked its shim.
+        exec_out = cd.ctr("task", "exec", "--exec-id", "e1", name, "uname", "-r")
+        assert exec_out.stdout.strip() == GUEST_KERNEL
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        remove(cd, name)
+    assert not os.path.exists(path)
     assert_nothing_left(before, cgroups_before)

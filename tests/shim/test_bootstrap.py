@@ -100,11 +100,17 @@ class Env:
         return path
 
     def start(
-        self, cid: str, *, stdin: bytes = b"", publish_binary: str = CONTAINERD
+        self,
+        cid: str,
+        *,
+        stdin: bytes = b"",
+        publish_binary: str = CONTAINERD,
+        extra_env: dict[str, str] | None = None,
     ) -> subprocess.CompletedProcess[bytes]:
         argv = [SHIM, "-namespace", "default", "-address", self.address]
         argv += ["-publish-binary", publish_binary, "-id", cid, "start"]
         env = {**os.environ, "TTRPC_ADDRESS": self.address + ".ttrpc", "MAX_SHIM_VERSION": "2"}
+        env |= extra_env or {}
         return subprocess.run(
             argv, cwd=self.root / cid, input=stdin, capture_output=True, env=env, timeout=20
         )

@@ -96,12 +96,6 @@ def test_version_flag() -> None:
     assert (out.returncode, out.stdout.strip()) == (0, "containerd-shim-kata-py-v2 0.1.0")
 
 
-def test_info_flag_is_not_implemented_on_stderr_only() -> None:
-    out = subprocess.run([SHIM, "-info"], capture_output=True, text=True, timeout=30)
-    assert (out.returncode, out.stdout) == (1, "")
-    assert "not implemented" in out.stderr
-
-
 def test_bad_flag_is_one_line_on_stderr() -> None:
     out = subprocess.run([SHIM, "-bogus", "start"], capture_output=True, text=True, timeout=30)
     assert (out.returncode, out.stdout) == (1, "")

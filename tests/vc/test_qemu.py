@@ -297,9 +297,12 @@ async def test_the_console_is_kept_again_after_a_shim_restart(
             nursery,
             start_time=first.start_time,
             virtiofsd_start_time=first.virtiofsd_start_time,
+            channel=first.channel or "",
+            vsock_backend_pid=first.vsock_backend_pid or 0,
+            vsock_backend_start_time=first.vsock_backend_start_time,
         )
     except BaseException:  # never leave the first VM behind
-        for pid in (first.pid, first.virtiofsd_pid):
+        for pid in (first.pid, first.virtiofsd_pid, first.vsock_backend_pid):
             if pid:
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(first.run_dir, ignore_errors=True)

@@ -20,7 +20,7 @@ import trio
 from shimv2 import errdefs
 from shimv2.guest.oci import spec_to_json
 from shimv2.vc.api import VirtContainers
-from shimv2.vc.config import Config, RuntimeConfig
+from shimv2.vc.config import Config, HypervisorConfig, RuntimeConfig
 from shimv2.vc.container import ContainerConfig
 from shimv2.vc.qemu import default_guest_dir
 from shimv2.vc.sandbox import SandboxConfig
@@ -69,11 +69,13 @@ def state_dir(host_cgroups: RecordingCgroups) -> Any:
     assert cgroups_left == []
 
 
-@pytest.fixture
+@pytest.fixture(params=["auto", "serial"])
 async def vc(
-    state_dir: str, nursery: trio.Nursery, host_cgroups: RecordingCgroups
+    state_dir: str, nursery: trio.Nursery, host_cgroups: RecordingCgroups, request: Any
 ) -> VirtContainers:
-    config = Config(runtime=RuntimeConfig(state_dir=state_dir))
+    """Every verb over both agent channels: auto (hybrid vsock here) and virtio-serial."""
+    hypervisor = HypervisorConfig(agent_channel=request.param)
+    config = Config(hypervisor=hypervisor, runtime=RuntimeConfig(state_dir=state_dir))
     return VirtContainers(nursery, config, cgroups=host_cgroups)
 
 
@@ -564,8 +566,11 @@ async def test_qemu_and_virtiofsd_are_charged_to_the_pod_cgroup(
     hierarchies = cgroup_hierarchies()
     names = ["" if h.name == "cgroup" else h.name for h in hierarchies]  # "" = v2
     assert "memory" in names or names == [""]
-    assert vm.vsock_backend_pid is not None  # auto: hybrid vsock on this host
-    for pid in (vm.pid, vm.virtiofsd_pid, vm.vsock_backend_pid):
+    helpers = [vm.pid, vm.virtiofsd_pid]
+    if vm.channel == "hybrid-vsock":  # auto, on this host
+        assert vm.vsock_backend_pid is not None
+        helpers.append(vm.vsock_backend_pid)
+    for pid in helpers:
         joined = process_cgroups(pid)
         assert {n: joined[n] for n in names} == dict.fromkeys(names, path), pid
     # The exec left each its own command line, which pid identity checks read.
