@@ -21,10 +21,11 @@ _SYSTEMD_PATH = re.compile(r"^[^/:]*:[^/:]*:[^/:]*$")
 def cgroup_dir(root: str, cgroups_path: str) -> str:
     """The directory of ``cgroups_path`` (cgroupfs style) under ``root``.
 
-    Errors: ``InvalidArgument`` for a path that leaves ``root``.
+    Errors: ``InvalidArgument`` for a path that leaves ``root`` or holds a NUL byte.
     """
     rel = os.path.normpath("/" + cgroups_path).lstrip("/")
-    if not rel or rel == "." or rel.startswith(".."):
+    # A NUL byte: no file call takes the path (ValueError, not OSError, at each later use).
+    if not rel or rel == "." or rel.startswith("..") or "\0" in rel:
         raise InvalidArgument(f"bad cgroups path {cgroups_path!r}")
     return os.path.join(root, rel)
 

@@ -108,6 +108,8 @@ class IpCommand:
             raise Unavailable(f"{' '.join(argv)}: timed out") from exc
         except OSError as exc:
             raise Unavailable(f"{' '.join(argv)}: {exc}") from exc
+        except ValueError as exc:  # no exec passes a NUL byte: the request's fault, not ours
+            raise InvalidArgument(f"{' '.join(argv)!r}: {exc}") from exc
         if code != 0:
             raise CommandFailed(argv, code, err.decode(errors="replace"))
         return out.decode(errors="replace")

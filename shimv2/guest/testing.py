@@ -9,6 +9,7 @@ UpdateInterface without a network namespace.
 from __future__ import annotations
 
 import errno
+from collections.abc import Sequence
 
 from shimv2.guest.network import IpCommand
 from shimv2.guest.system import GuestOS
@@ -138,10 +139,11 @@ def fake_sysfs(cpus: int = 2, offline_cpus: int = 1, memory_blocks: int = 2) -> 
 class FakeIpCommand(IpCommand):
     """``ip`` on a made-up machine: ``ip -o link`` lists ``links`` (add or remove some
     meanwhile to hot-plug them), addresses and routes are empty, and every other
-    command succeeds and is only recorded."""
+    command succeeds and is only recorded. Commands go through ``IpCommand``'s own
+    runner seam, and an argument that no exec could pass (a NUL byte) fails as it would."""
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(runner=self._answer)
         self.links: list[str] = []  # ``ip -o link`` lines
         self.commands: list[tuple[str, ...]] = []  # all but the listings
         self.link_listings = 0
@@ -154,18 +156,21 @@ class FakeIpCommand(IpCommand):
             f"    link/ether {mac} brd ff:ff:ff:ff:ff:ff"
         )
 
-    async def ip(self, *args: str) -> str:
+    async def _answer(self, argv: Sequence[str], timeout: float) -> tuple[int, bytes, bytes]:
+        if any("\0" in arg for arg in argv):
+            raise ValueError("embedded null byte")  # as posix_spawn and subprocess raise
+        tool, *rest = argv
+        args = tuple(rest)
+        if tool == "arp":
+            self.commands.append(("arp", *args))
+            return 0, b"", b""
         if args == ("-o", "link"):
             self.link_listings += 1
-            return "".join(f"{line}\n" for line in self.links)
+            return 0, "".join(f"{line}\n" for line in self.links).encode(), b""
         if args == ("-o", "addr") or "show" in args:  # addresses, routes
-            return ""
+            return 0, b"", b""
         self.commands.append(args)
-        return ""
-
-    async def arp(self, *args: str) -> str:
-        self.commands.append(("arp", *args))
-        return ""
+        return 0, b"", b""
 
 
 __all__ = ["FakeGuestOS", "FakeIpCommand", "fake_sysfs"]

@@ -155,7 +155,7 @@ def load_spec(bundle: str) -> dict[str, Any]:
         spec = json.loads(path.read_bytes())
     except FileNotFoundError as exc:
         raise NotFound(f"bundle {bundle}: no config.json") from exc
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # deep nesting overflows the parser
         raise InvalidArgument(f"bundle {bundle}: unreadable config.json: {exc}") from exc
     if not isinstance(spec, dict):
         raise InvalidArgument(f"bundle {bundle}: config.json is not an object")
@@ -180,7 +180,7 @@ def cgroups_path(spec: Mapping[str, Any]) -> str:
 def _json_any(value: bytes, what: str) -> dict[str, Any]:
     try:
         parsed = json.loads(value or b"{}")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # deep nesting overflows the parser
         raise InvalidArgument(f"{what} is not JSON: {exc}") from exc
     if not isinstance(parsed, dict):
         raise InvalidArgument(f"{what} is not a JSON object")

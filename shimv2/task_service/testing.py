@@ -18,12 +18,13 @@ from typing import Any
 import trio
 from google.protobuf.message import Message
 
-from shimv2.errdefs import AlreadyExists, FailedPrecondition, NotFound
+from shimv2.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from shimv2.pb.kata import agent_pb2
 from shimv2.vc.container import ContainerConfig, ContainerStatus
 from shimv2.vc.sandbox import SandboxConfig, SandboxStatus
 
 FAKE_VM_PID = 4242
+MAX_SIGNAL = 64  # the guest agent's bound (SIGRTMAX)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class FakeProcess:
                 self._stdin_changed = trio.Event()
 
     def signal(self, sig: int) -> None:
+        if not 0 <= sig <= MAX_SIGNAL:  # as the guest agent refuses it: exit statuses stay 0-255
+            raise InvalidArgument(f"invalid signal {sig}")
         self.signals.append(sig)
         if sig and not self.exited.is_set():
             self._stop_status = 128 + sig

@@ -22,6 +22,8 @@ import pytest
 import trio
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shimv2.errdefs import FailedPrecondition, InvalidArgument, NotFound
 from shimv2.guest import cgroups
@@ -37,6 +39,7 @@ from tests.guest.rootfs import (
     make_process,
     make_spec,
 )
+from tests.strategies import texts
 
 SERVICE = "grpc.AgentService"
 T = TypeVar("T", bound=Message)
@@ -626,7 +629,20 @@ def test_cgroup_dir(path: str, expected: str) -> None:
     assert cgroups.cgroup_dir("/cg", path) == expected
 
 
-@pytest.mark.parametrize("path", ["/", "", "/.."])
+@pytest.mark.parametrize("path", ["/", "", "/..", "a\x00b"])  # NUL: found by fuzzing
 def test_cgroup_dir_refuses_the_root(path: str) -> None:
     with pytest.raises(InvalidArgument):
         cgroups.cgroup_dir("/cg", path)
+
+
+@pytest.mark.fuzz
+@given(st.one_of(texts(), st.lists(texts(["..", ".", "", "a", "/", "x\x00"])).map("/".join)))
+def test_fuzz_cgroup_dir_stays_under_the_root(path: str) -> None:
+    # CreateContainer takes the host's linux.cgroupsPath through this.
+    try:
+        got = cgroups.cgroup_dir("/cg", path)
+    except InvalidArgument:
+        return
+    assert got.startswith("/cg/")
+    assert os.path.normpath(got) == got
+    assert "\0" not in got

@@ -219,6 +219,21 @@ async def test_update_interface_by_name_is_not_waited_for(
     assert ip.link_listings == 1
 
 
+async def test_an_argument_with_a_nul_byte_is_invalid_argument() -> None:
+    # Found by fuzzing: exec refuses a NUL byte with ValueError, which went out as UNKNOWN.
+    ip = FakeIpCommand()
+    ip.add_link("eth1", MAC)
+    svc = NetworkService(ip)
+    routes = agent_pb2.Routes(Routes=[types_pb2.Route(device="x\x00y")])
+    with pytest.raises(InvalidArgument, match="null byte"):
+        await svc.UpdateRoutes(CTX, agent_pb2.UpdateRoutesRequest(routes=routes))
+    with pytest.raises(InvalidArgument, match="null byte"):
+        await svc.UpdateInterface(
+            CTX, agent_pb2.UpdateInterfaceRequest(interface=interface(name="x\x00y"))
+        )
+    assert not any("\x00" in arg for command in ip.commands for arg in command)
+
+
 def test_parse_busybox_and_iproute2_routes() -> None:
     busybox = (
         "default via 192.0.2.1 dev eth0 \n"

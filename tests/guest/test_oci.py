@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shimv2.errdefs import InvalidArgument
 from shimv2.guest import oci
 from shimv2.pb.kata import oci_pb2
+from tests.strategies import fuzz_settings, messages, texts
 
 # (message, proto field, JSON key), as in specs-go/config.go.
 NAMES = [
@@ -236,3 +243,68 @@ def test_net_sysctls_are_taken_only_when_the_network_is_shared() -> None:
 def test_bad_net_sysctl_names_are_refused(key: str) -> None:
     with pytest.raises(InvalidArgument, match="bad sysctl name"):
         oci.take_shared_net_sysctls({"linux": {"sysctl": {key: "1"}}})
+
+
+# -- fuzzing: both directions with arbitrary input ------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | texts(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts(), inner, max_size=3),
+    max_leaves=10,
+)
+
+
+@cache
+def _json_for(desc: Any, depth: int = 0) -> st.SearchStrategy[Any]:
+    """JSON shaped like ``desc``'s (its keys, mostly fitting values), with anything in places."""
+    if depth > 4:
+        return json_values
+    optional: dict[str, st.SearchStrategy[Any]] = {}
+    for field in desc.fields:
+        if (
+            field.type == FieldDescriptor.TYPE_MESSAGE
+            and not field.message_type.GetOptions().map_entry
+        ):
+            fitting = _json_for(field.message_type, depth + 1)
+            if field.is_repeated:
+                fitting = st.lists(fitting, max_size=2)
+        else:
+            fitting = json_values
+        optional[oci.json_name(desc.name, field.name)] = fitting | json_values
+    return st.fixed_dictionaries({}, optional=optional)
+
+
+@pytest.mark.fuzz
+@fuzz_settings(50)  # ~30 ms an example, most of it drawing the JSON
+@given(
+    st.sampled_from([oci_pb2.Spec(), oci_pb2.Process(), oci_pb2.LinuxResources()]).flatmap(
+        lambda msg: st.tuples(st.just(type(msg)), _json_for(msg.DESCRIPTOR) | json_values)
+    )
+)
+def test_fuzz_json_to_message_fills_it_or_is_invalid_argument(
+    case: tuple[type[Message], Any],
+) -> None:
+    # The host reads config.json and the Task API's exec and update JSON with this.
+    cls, obj = case
+    with contextlib.suppress(InvalidArgument):
+        oci.message_from_json(cls(), obj)
+
+
+@pytest.mark.fuzz
+@given(messages(oci_pb2.Spec))
+def test_fuzz_any_spec_becomes_a_config_json_or_invalid_argument(spec: oci_pb2.Spec) -> None:
+    # What CreateContainer makes of the host's spec before it runs crun.
+    config = oci.spec_to_json(spec)
+    again = oci.spec_from_json(json.loads(json.dumps(config)))
+    assert oci.spec_to_json(again) == config  # nothing lost or invented on the way back
+    try:
+        version = oci.written_version(spec.Version)
+    except InvalidArgument:
+        pass
+    else:
+        assert version.startswith("1.")
+    try:
+        taken = oci.take_shared_net_sysctls(config)
+    except InvalidArgument:
+        return
+    assert all(key.startswith("net.") and "/" not in key for key in taken)

@@ -14,7 +14,7 @@ import pytest
 
 from shimv2.shim.bootstrap import WARM_SHIMS_ENV
 from shimv2.shim.warm import BadRequest, parse_request
-from tests.shim.test_bootstrap import Env, env, processes, stop_daemon
+from tests.shim.test_bootstrap import SHIM, Env, env, processes, stop_daemon
 
 __all__ = ["env"]  # the fixture, used by name
 
@@ -77,8 +77,10 @@ def test_without_a_server_start_spawns_a_cold_daemon(env: Env, tmp_path: Path) -
     out = env.start("w2", extra_env={WARM_SHIMS_ENV: str(stale), "KATA_PY_CONFIG": str(config)})
     assert out.returncode == 0, out.stderr
     [pid] = processes(env.address)
-    assert _ppid(pid) != os.getpid()
-    assert b"-m" not in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3]
+    # Spawned: the interpreter running the shim's script, as spawn_daemon starts it.
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert argv[0].startswith(sys.executable.encode())  # python, or python3 beside it
+    assert argv[1:3] == [b"-P", SHIM.encode()]
     stop_daemon(env, "w2")
 
 

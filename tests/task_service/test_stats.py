@@ -3,21 +3,32 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shimv2.errdefs import Internal
 from shimv2.pb.cgroups.v1 import metrics_pb2 as v1
 from shimv2.pb.cgroups.v2 import metrics_pb2 as v2
 from shimv2.pb.kata import agent_pb2
 from shimv2.task_service.stats import (
+    MAX_BLKIO_ENTRIES,
+    MAX_CPUS,
+    MAX_HUGEPAGE_SIZES,
+    MAX_INTERFACES,
+    MAX_NAME,
     V1_TYPE_URL,
     V2_TYPE_URL,
+    check_stats,
     host_is_cgroup_v2,
     metrics_any,
     metrics_v1,
     metrics_v2,
 )
+from tests.strategies import messages
 
 
 def sample() -> agent_pb2.StatsContainerResponse:
@@ -157,3 +168,104 @@ def test_stats_of_a_big_but_real_guest_pass() -> None:
     stats.cgroup_stats.cpu_stats.cpu_usage.percpu_usage.extend(range(64))
     stats.network_stats.extend(agent_pb2.NetworkStats(name=f"eth{i}") for i in range(16))
     assert metrics_any(stats, cgroup_v2=True).value
+
+
+# -- fuzzing: whatever stats a guest sends --------------------------------------------------
+
+
+def _decodable_stats(raw: bytes) -> agent_pb2.StatsContainerResponse:
+    """``raw`` as the agent client decodes it: what does not decode is an empty reply here
+    (the client refuses it before the stats code sees it)."""
+    try:
+        return agent_pb2.StatsContainerResponse.FromString(raw)
+    except DecodeError:
+        return agent_pb2.StatsContainerResponse()
+
+
+class Inflated(NamedTuple):
+    """One list of the stats made as long as its bound (give or take one)."""
+
+    where: str
+    length: int
+    over: bool
+
+
+BOUNDED = {
+    "network_stats": MAX_INTERFACES,
+    "percpu_usage": MAX_CPUS,
+    "hugetlb_stats": MAX_HUGEPAGE_SIZES,
+    "io_service_bytes_recursive": MAX_BLKIO_ENTRIES,
+    "io_time_recursive": MAX_BLKIO_ENTRIES,
+    "interface name": MAX_NAME,
+    "huge page size": MAX_NAME,
+    "blkio op": MAX_NAME,
+}
+
+
+def inflate(stats: agent_pb2.StatsContainerResponse, where: str, n: int) -> None:
+    cg = stats.cgroup_stats
+    if where == "network_stats":
+        del stats.network_stats[:]
+        stats.network_stats.extend(agent_pb2.NetworkStats(name=f"eth{i}") for i in range(n))
+    elif where == "percpu_usage":
+        cg.cpu_stats.cpu_usage.percpu_usage[:] = range(n)
+    elif where == "hugetlb_stats":
+        cg.hugetlb_stats.clear()
+        for i in range(n):
+            cg.hugetlb_stats[f"{i}kB"].usage = i
+    elif where in ("io_service_bytes_recursive", "io_time_recursive"):
+        entries = getattr(cg.blkio_stats, where)
+        del entries[:]
+        entries.extend(agent_pb2.BlkioStatsEntry(op="Read", major=i) for i in range(n))
+    elif where == "interface name":
+        stats.network_stats.add(name="e" * n)
+    elif where == "huge page size":
+        cg.hugetlb_stats["2" * n].usage = 1
+    else:
+        cg.blkio_stats.io_serviced_recursive.add(op="W" * n)
+
+
+def within_bounds(stats: agent_pb2.StatsContainerResponse) -> bool:
+    try:
+        check_stats(stats)
+    except Internal:
+        return False
+    return True
+
+
+@pytest.mark.fuzz
+@given(
+    st.one_of(
+        messages(agent_pb2.StatsContainerResponse),
+        st.binary(max_size=300).map(_decodable_stats),
+    ),
+    st.none()
+    | st.sampled_from(sorted(BOUNDED)).flatmap(
+        lambda where: st.integers(-1, 1).map(lambda d: Inflated(where, BOUNDED[where] + d, d > 0))
+    ),
+    st.booleans(),
+)
+def test_fuzz_stats_become_metrics_within_the_bounds_or_internal(
+    stats: agent_pb2.StatsContainerResponse, inflated: Inflated | None, cgroup_v2: bool
+) -> None:
+    if inflated is not None:
+        inflate(stats, inflated.where, inflated.length)
+    fits = within_bounds(stats)
+    if inflated is not None and inflated.over:
+        assert not fits, inflated
+    if not fits:
+        with pytest.raises(Internal, match="stats from the guest refused"):
+            metrics_any(stats, cgroup_v2=cgroup_v2)
+        return
+    metrics = metrics_any(stats, cgroup_v2=cgroup_v2)
+    if cgroup_v2:
+        assert metrics.type_url == V2_TYPE_URL
+        m2 = v2.Metrics.FromString(metrics.value)
+        assert len(m2.network) <= MAX_INTERFACES
+        assert len(m2.hugetlb) <= MAX_HUGEPAGE_SIZES
+    else:
+        assert metrics.type_url == V1_TYPE_URL
+        m1 = v1.Metrics.FromString(metrics.value)
+        assert len(m1.network) <= MAX_INTERFACES
+        assert len(m1.cpu.usage.per_cpu) <= MAX_CPUS
+        assert len(m1.blkio.io_service_bytes_recursive) <= MAX_BLKIO_ENTRIES

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import struct
+from typing import NamedTuple
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from shimv2.errdefs import Code, ResourceExhausted
@@ -277,7 +278,7 @@ def test_any_split_of_the_stream_decodes_the_same(
     assert got == calls
 
 
-@settings(max_examples=300)
+@pytest.mark.fuzz
 @given(st.lists(st.binary(max_size=200), max_size=20), st.sampled_from([Role.CLIENT, Role.SERVER]))
 def test_fuzz_decoder_only_raises_protocol_errors(chunks: list[bytes], role: Role) -> None:
     conn = Connection(role, max_payload=256)
@@ -288,3 +289,192 @@ def test_fuzz_decoder_only_raises_protocol_errors(chunks: list[bytes], role: Rol
             assert conn.buffered <= HEADER_LENGTH + 256 + 200
     except ProtocolError:
         pass
+
+
+# -- fuzzing: valid frames with corrupted headers, split anywhere ------------------------
+
+FUZZ_CAP = 512  # a small cap, so that oversize lengths are common and cheap
+
+
+class Corruption(NamedTuple):
+    """Header fields to overwrite in one frame (None: keep)."""
+
+    length: int | None
+    stream_id: int | None
+    mtype: int | None
+    flags: int | None
+
+
+u32 = st.one_of(
+    st.sampled_from([0, 1, 2, FUZZ_CAP, FUZZ_CAP + 1, MAX_PAYLOAD, MAX_PAYLOAD + 1, 2**32 - 1]),
+    st.integers(0, 2**32 - 1),
+)
+corruptions = st.builds(
+    Corruption,
+    st.none() | u32 | st.integers(0, 2 * FUZZ_CAP),
+    st.none() | u32,
+    st.none() | st.integers(0, 255),
+    st.none() | st.integers(0, 255),
+)
+
+
+def corrupt(wire: bytes, c: Corruption) -> bytes:
+    length, sid, mtype, flags = struct.unpack_from(">IIBB", wire)
+    header = struct.pack(
+        ">IIBB",
+        length if c.length is None else c.length,
+        sid if c.stream_id is None else c.stream_id,
+        mtype if c.mtype is None else c.mtype,
+        flags if c.flags is None else c.flags,
+    )
+    return header + wire[HEADER_LENGTH:]
+
+
+def valid_frames(role: Role) -> st.SearchStrategy[bytes]:
+    """Frames a well-behaved peer of ``role`` would send (requests to a server, responses
+    and data to a client), before corruption."""
+    body = st.binary(max_size=FUZZ_CAP // 2)
+    if role is Role.SERVER:
+        request = st.builds(
+            lambda sid, svc, method, payload: frame(
+                sid, MessageType.REQUEST, request_bytes(svc, method, payload)
+            ),
+            st.integers(0, 2**32 - 1),
+            st.text(max_size=20),
+            st.text(max_size=20),
+            body,
+        )
+    else:
+        request = st.builds(
+            lambda sid, code, payload: frame(
+                sid,
+                MessageType.RESPONSE,
+                Response(status=Status(code=code), payload=payload).SerializeToString(),
+            ),
+            st.integers(0, 2**32 - 1),
+            st.integers(-(2**31), 2**31 - 1),
+            body,
+        )
+    data = st.builds(
+        lambda sid, flags, payload: frame(sid, MessageType.DATA, payload, flags),
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 255),
+        body,
+    )
+    return request | data
+
+
+@st.composite
+def hostile_streams(draw: st.DrawFn, role: Role) -> bytes:
+    """Valid frames, some with corrupted headers, and some bytes of junk between them."""
+    parts = []
+    for wire in draw(st.lists(valid_frames(role), max_size=8)):
+        if draw(st.booleans()):
+            wire = corrupt(wire, draw(corruptions))
+        parts.append(wire)
+        if draw(st.integers(0, 9)) == 0:
+            parts.append(draw(st.binary(max_size=20)))
+    return b"".join(parts)
+
+
+def split(wire: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({min(c, len(wire)) for c in cuts})
+    return [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)], strict=True) if b > a]
+
+
+def feed_hostile(conn: Connection, chunks: list[bytes]) -> list[Event]:
+    """Feed ``chunks`` then EOF; the decoder yields events or raises ProtocolError, and
+    between chunks holds less than one frame at the cap."""
+    events: list[Event] = []
+    for chunk in [*chunks, b""]:
+        conn.receive_data(chunk)
+        events += drain(conn)
+        # Drained: what is left is one incomplete frame no larger than the cap.
+        assert conn.buffered < HEADER_LENGTH + conn.max_payload
+    return events
+
+
+@pytest.mark.fuzz
+@given(
+    st.sampled_from([Role.CLIENT, Role.SERVER]).flatmap(
+        lambda role: st.tuples(st.just(role), hostile_streams(role))
+    ),
+    st.lists(st.integers(0, 4 * FUZZ_CAP), max_size=12),
+)
+def test_fuzz_corrupted_headers_yield_events_or_a_protocol_error(
+    stream: tuple[Role, bytes], cuts: list[int]
+) -> None:
+    role, wire = stream
+    conn = Connection(role, max_payload=FUZZ_CAP)
+    try:
+        events = feed_hostile(conn, split(wire, cuts))
+    except ProtocolError:
+        with pytest.raises(ProtocolError):  # and it stays broken
+            conn.next_event()
+        return
+    assert events[-1] == ConnectionClosed()
+    for event in events:
+        if isinstance(event, StreamError):
+            assert event.code in (Code.RESOURCE_EXHAUSTED, Code.INVALID_ARGUMENT)
+        elif isinstance(event, RequestReceived):
+            assert role is Role.SERVER
+            assert event.stream_id % 2 == 1
+        elif isinstance(event, ResponseReceived):
+            assert role is Role.CLIENT
+        elif isinstance(event, DataReceived):
+            assert len(event.payload) <= FUZZ_CAP
+
+
+@pytest.mark.fuzz
+@given(
+    st.lists(
+        st.tuples(
+            st.one_of(u32, st.integers(0, 2 * FUZZ_CAP)), st.integers(0, 255), st.integers(0, 255)
+        ),
+        min_size=1,
+        max_size=6,
+    ),
+    st.integers(1, 3 * FUZZ_CAP),
+)
+def test_fuzz_oversize_lengths_are_skipped_not_buffered(
+    headers: list[tuple[int, int, int]], chunk_size: int
+) -> None:
+    # Each frame announces its length and sends exactly that many bytes: a frame over the
+    # cap is one StreamError and its bytes are dropped as they come, and the stream stays
+    # in step. Lengths past what a test can send are capped at 3 caps (still oversize).
+    conn = Connection(Role.SERVER, max_payload=FUZZ_CAP)
+    expected_oversize = 0
+    wire = bytearray()
+    for length, mtype, flags in headers:
+        sent = min(length, 3 * FUZZ_CAP)
+        expected_oversize += sent > FUZZ_CAP
+        wire += struct.pack(">IIBB", sent, 1, mtype, flags) + b"\xff" * sent
+    chunks = [bytes(wire[i : i + chunk_size]) for i in range(0, len(wire), chunk_size)]
+    try:
+        events = feed_hostile(conn, chunks)
+    except ProtocolError:
+        raise AssertionError("complete frames must never break the connection") from None
+    oversize = [
+        e for e in events if isinstance(e, StreamError) and e.code == Code.RESOURCE_EXHAUSTED
+    ]
+    assert len(oversize) == expected_oversize
+    assert events[-1] == ConnectionClosed()
+
+
+@pytest.mark.fuzz
+@given(st.integers(FUZZ_CAP + 1, 2**32 - 1), st.lists(st.integers(1, 4096), max_size=30))
+def test_fuzz_a_huge_announced_length_never_grows_the_buffer(length: int, sizes: list[int]) -> None:
+    conn = Connection(Role.SERVER, max_payload=FUZZ_CAP)
+    conn.receive_data(struct.pack(">IIBB", length, 1, MessageType.REQUEST, 0))
+    (event,) = drain(conn)
+    assert isinstance(event, StreamError)
+    assert event.code == Code.RESOURCE_EXHAUSTED
+    received = 0
+    for size in sizes:
+        conn.receive_data(b"\0" * size)
+        received += size
+        events = drain(conn)
+        # Until the announced length has passed, nothing is kept and nothing comes out.
+        if received <= length:
+            assert conn.buffered == 0
+            assert events == []

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+from hypothesis import event, given
+from hypothesis import strategies as st
 
-from shimv2.errdefs import Internal, Unknown, error_for
+from shimv2.errdefs import Error, Internal, Unknown, error_for
 from shimv2.pb.kata import agent_pb2
 from shimv2.vc.agent import MAX_ERROR_TEXT
-from shimv2.vc.testing import FakePod
+from shimv2.vc.testing import AGENT_SERVICE, FakePod
+from tests.strategies import hostile_replies, reply_with
 
 
 @pytest.mark.parametrize(("code", "error"), [(13, Internal), (99, Unknown)])
@@ -29,3 +36,40 @@ async def test_a_huge_error_text_from_the_guest_is_cut(
     message = caught.value.args[0]
     assert len(message) <= MAX_ERROR_TEXT + 100
     assert message.endswith("characters)")  # says how long it was
+
+
+# -- fuzzing: every rpc against hostile answers -------------------------------------------------
+
+RPCS = [
+    (m.name, GetMessageClass(m.input_type), GetMessageClass(m.output_type))
+    for m in AGENT_SERVICE.methods
+]
+
+
+async def _call_hostile(
+    rpc: str, request: type[Message], response: type[Message], answer: Message | Error
+) -> Message | Error:
+    with tempfile.TemporaryDirectory() as tmp, trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            pod = await FakePod.start(Path(tmp), nursery)
+            pod.agent.replies[rpc] = reply_with(answer)
+            try:
+                result: Message | Error = await pod.sandbox.agent.call(rpc, request(), response)
+            except Error as exc:
+                result = exc
+            nursery.cancel_scope.cancel()
+    return result
+
+
+@pytest.mark.fuzz
+@given(st.sampled_from(RPCS).flatmap(lambda r: st.tuples(st.just(r), hostile_replies(r[2]))))
+def test_fuzz_every_rpc_gives_its_reply_type_or_a_bounded_coded_error(
+    case: tuple[tuple[str, type[Message], type[Message]], Message | Error],
+) -> None:
+    (rpc, request, response), answer = case
+    result = trio.run(_call_hostile, rpc, request, response, answer)
+    if isinstance(result, Error):
+        event(f"{type(result).__name__}")
+        assert len(result.message) <= MAX_ERROR_TEXT + 100
+    else:
+        assert type(result) is response

@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+from hypothesis import event, given
+from hypothesis import strategies as st
 
-from shimv2.errdefs import AlreadyExists, FailedPrecondition, Internal, NotFound
+from shimv2.errdefs import AlreadyExists, Error, FailedPrecondition, Internal, NotFound
 from shimv2.pb.kata import agent_pb2
-from shimv2.vc.container import VM_GONE_STATUS, Container, guest_pids
-from shimv2.vc.testing import FakePod, RawReply, scripted
+from shimv2.vc.agent import MAX_ERROR_TEXT
+from shimv2.vc.container import MAX_PIDS, PID_MAX, VM_GONE_STATUS, Container, guest_pids
+from shimv2.vc.testing import AGENT_SERVICE, FakePod, RawReply, scripted
+from tests.strategies import hostile_replies, reply_with
 
 PROCESS = {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
 
@@ -183,3 +191,107 @@ async def test_an_oom_watcher_and_exec_waits_log_garbage_not_crash(
     with trio.fail_after(5):
         assert await c1(pod).wait_exec("e1") == VM_GONE_STATUS
     assert "e1" in caplog.text
+
+
+# -- fuzzing: the container verbs against hostile answers ---------------------------------------
+
+
+async def _start(c: Container) -> object:
+    c.state.state = "created"
+    await c.start()
+    return c.state.state
+
+
+async def _wait(c: Container) -> object:
+    await c.watch_init()
+    status = await c.wait()
+    assert 0 <= status <= 255
+    return status
+
+
+async def _exec(c: Container) -> object:
+    await c.enter("e1", PROCESS)
+    status = await c.wait_exec("e1")  # its WaitProcess gets the same hostile answer
+    assert 0 <= status <= 255
+    return status
+
+
+async def _read(c: Container) -> object:
+    data = await c.read_stdout("", 100)
+    assert len(data) <= 100
+    return data
+
+
+async def _write(c: Container) -> object:
+    written = await c.write_stdin("", b"hello")
+    assert 0 <= written <= 5
+    return written
+
+
+async def _pids(c: Container) -> object:
+    pids = await c.process_list_pids()
+    assert len(pids) <= MAX_PIDS
+    assert all(type(p) is int and 1 <= p <= PID_MAX for p in pids)
+    return pids
+
+
+async def _resume(c: Container) -> object:
+    c.state.state = "paused"
+    await c.resume()
+    return c.state.state
+
+
+async def _stats(c: Container) -> object:
+    return await c.stats()
+
+
+# Each container verb and the rpc whose answer is hostile.
+VERBS: dict[str, tuple[str, Callable[[Container], Awaitable[object]]]] = {
+    "start": ("StartContainer", _start),
+    "wait": ("WaitProcess", _wait),
+    "exec": ("ExecProcess", _exec),
+    "signal": ("SignalProcess", lambda c: c.signal_process("", 15)),
+    "read": ("ReadStdout", _read),
+    "write": ("WriteStdin", _write),
+    "close_stdin": ("CloseStdin", lambda c: c.close_stdin("")),
+    "resize": ("TtyWinResize", lambda c: c.resize("", 24, 80)),
+    "pause": ("PauseContainer", lambda c: c.pause()),
+    "resume": ("ResumeContainer", _resume),
+    "update": ("UpdateContainer", lambda c: c.update({"memory": {"limit": 1 << 28}})),
+    "pids": ("ListProcesses", _pids),
+    "stats": ("StatsContainer", _stats),
+}
+RESPONSE_TYPES = {m.name: GetMessageClass(m.output_type) for m in AGENT_SERVICE.methods}
+
+
+async def _verb_against(verb: str, answer: Message | Error) -> object:
+    rpc, run = VERBS[verb]
+    with tempfile.TemporaryDirectory() as tmp, trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            pod = await FakePod.start(Path(tmp), nursery)
+            pod.agent.replies[rpc] = reply_with(answer)
+            if verb == "exec":  # and its WaitProcess, the same answer when it fits
+                wait = answer if isinstance(answer, Error) else RawReply(b"").as_message()
+                pod.agent.replies["WaitProcess"] = reply_with(wait)
+            try:
+                result = await run(c1(pod))
+            except Error as exc:
+                result = exc
+            nursery.cancel_scope.cancel()
+    return result
+
+
+@pytest.mark.fuzz
+@given(
+    st.sampled_from(sorted(VERBS)).flatmap(
+        lambda verb: st.tuples(st.just(verb), hostile_replies(RESPONSE_TYPES[VERBS[verb][0]]))
+    )
+)
+def test_fuzz_verbs_end_in_a_checked_result_or_a_bounded_coded_error(
+    case: tuple[str, Message | Error],
+) -> None:
+    verb, answer = case
+    result = trio.run(_verb_against, verb, answer)
+    event(f"{verb}: {type(result).__name__}")
+    if isinstance(result, Error):
+        assert len(result.message) <= MAX_ERROR_TEXT + 200
