@@ -222,6 +222,7 @@ def report(
         "guest_ram": "guest RAM (cold: memfd; template: the clone's copy, whole)",
         "guest_image": "guest root image (shared file, DAX)",
         "virtiofsd": "virtiofsd, less guest RAM",
+        "vsock": "vhost-device-vsock (hybrid vsock), less guest RAM",
         "container": "container's processes (on the host)",
         "total": "**total**",
     }

@@ -72,7 +72,7 @@ RETRIES = 3  # tries of one start before the run gives up
 SETTLE = 5.0  # seconds between the last start and measuring: the guests finish booting
 KSM = Path("/sys/kernel/mm/ksm")
 # The kata-py processes of a pod, and the runc ones (a container's run on the host).
-KATA_ROLES = ("shim", "qemu", "guest_ram", "guest_image", "guest_boot", "virtiofsd")
+KATA_ROLES = ("shim", "qemu", "guest_ram", "guest_image", "guest_boot", "virtiofsd", "vsock")
 RUNC_ROLES = ("shim", "container")
 
 
@@ -208,7 +208,8 @@ def pod_roles(name: str, procs: dict[int, Proc]) -> dict[str, list[int]]:
         for child in children.get(todo.pop(), []):
             exe = Path(child.argv[0]).name if child.argv else ""
             role = "qemu" if exe.startswith("qemu-system") else exe
-            role = role if role in ("qemu", "virtiofsd") else "container"
+            role = {"vhost-device-vsock": "vsock"}.get(role, role)
+            role = role if role in ("qemu", "virtiofsd", "vsock") else "container"
             roles.setdefault(role, []).append(child.pid)
             todo.append(child.pid)
     return roles
@@ -375,6 +376,7 @@ def memory_table(kata: PodRun, runc: PodRun) -> str:
         "guest_image": "guest root image (shared file, DAX)",
         "guest_boot": "guest kernel and initrd (QEMU's copies)",
         "virtiofsd": "virtiofsd, less guest RAM",
+        "vsock": "vhost-device-vsock (hybrid vsock), less guest RAM",
         "container": "container's processes (on the host)",
         "total": "**total**",
     }
