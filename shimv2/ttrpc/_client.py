@@ -54,10 +54,15 @@ class Client:
         self._codec = Connection(Role.CLIENT)
         self._pending: dict[int, _Pending] = {}
         self._closed: Error | None = None
+        self._closed_event = trio.Event()
 
     @property
     def closed(self) -> bool:
         return self._closed is not None
+
+    async def wait_closed(self) -> None:
+        """Until the connection is gone (the peer hung up, or ``aclose``)."""
+        await self._closed_event.wait()
 
     async def call(
         self,
@@ -168,6 +173,7 @@ class Client:
     def _fail_all(self, reason: str) -> None:
         if self._closed is None:
             self._closed = Unavailable(f"ttrpc: closed: {reason}")
+            self._closed_event.set()
         for pending in self._pending.values():
             pending.error = self._closed
             pending.done.set()

@@ -68,6 +68,9 @@ class AgentClient:
     def closed(self) -> bool:
         return self._client.closed
 
+    async def wait_closed(self) -> None:
+        await self._client.wait_closed()
+
 
 async def _open_stream(endpoint: AgentEndpoint) -> trio.SocketStream:
     if endpoint.unix_path is not None:

@@ -193,7 +193,9 @@ class Container:
 
     async def delete(self) -> None:
         self._require("stopped", verb="delete")
-        if not self.sandbox.vm_gone:
+        # Without an agent (its channel died; the VM is on its way down) there is
+        # nothing in the guest to remove, and nothing left that could.
+        if not self.sandbox.vm_gone and self.sandbox.agent_connected:
             request = agent_pb2.RemoveContainerRequest(container_id=self.id, timeout=10)
             # NotFound: the guest no longer knows it; nothing to remove.
             with contextlib.suppress(NotFound):

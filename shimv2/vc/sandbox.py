@@ -228,8 +228,22 @@ class Sandbox:
             ) as agent:
                 self._agent = agent
                 task_status.started()
-                await trio.sleep_forever()
+                await agent.wait_closed()
+                await self._agent_lost()
         self._agent = None
+
+    async def _agent_lost(self) -> None:
+        """The agent's connection broke while the VM runs (its channel, as a vsock
+        backend, died): nothing can reach the guest any more, so the VM goes, and
+        its tasks end as with any VM death (``watch_vm``)."""
+        if self._releasing or self.vm_gone or self.vm is None:
+            return
+        log.error("sandbox %s: the agent's connection is lost; stopping the VM", self.id)
+        await self.vm.shutdown()
+
+    @property
+    def agent_connected(self) -> bool:
+        return self._agent is not None and not self._agent.closed
 
     async def watch_oom(self, *, rate: float = 5.0, burst: int = 10) -> None:
         """Relay the guest's OOM kills (GetOOMEvent blocks until one happens).

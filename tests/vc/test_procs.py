@@ -190,7 +190,9 @@ async def test_cleanup_after_the_owner_died_kills_its_vm_by_identity(
         state = vc.store.load(sid)
         assert state.qemu_start_time == process_start_time(state.qemu_pid) > 0
         assert state.virtiofsd_start_time == process_start_time(state.virtiofsd_pid) > 0
-        assert len(vm_processes(state_dir)) == 2
+        # QEMU, virtiofsd and (auto on this host: hybrid vsock) the vsock backend.
+        assert state.vsock_backend_start_time == process_start_time(state.vsock_backend_pid) > 0
+        assert len(vm_processes(state_dir)) == 3
         with trio.fail_after(60):
             await vc.cleanup_sandbox(sid)
         assert vm_processes(state_dir) == []
