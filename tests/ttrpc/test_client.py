@@ -66,6 +66,8 @@ async def test_drop_fails_every_pending_call(tmp_path: Path, nursery: trio.Nurse
         assert len(errors) == 3
         assert all("closed" in str(e) for e in errors)
         assert client.closed
+        with trio.fail_after(1):
+            await client.wait_closed()  # what the sandbox waits on to notice a dead agent
         with pytest.raises(errdefs.Unavailable):
             await client.call(SVC, "Echo", BytesValue(), BytesValue)
     assert [r.stream_id for r in seen] == [1, 3, 5]
