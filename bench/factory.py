@@ -47,7 +47,7 @@ from _common import (
     remove_task,
     runtimes,
 )
-from pod_cost import pod_roles, timed_run
+from pod_cost import alternating_runs, pod_roles
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = "/usr/local/bin/containerd-shim-kata-py-v2"
@@ -169,12 +169,7 @@ def main() -> int:
                     "template": str(wrapper),
                     "warm": str(warm_wrapper),
                 }
-                for runtime in kinds.values():  # warm-up: page cache, the accelerator probe
-                    timed_run(cd, runtime)
-                times: dict[str, list[float]] = {k: [] for k in kinds}
-                for _ in range(args.n):
-                    for kind, runtime in kinds.items():
-                        times[kind].append(timed_run(cd, runtime))
+                times = alternating_runs(cd, kinds, args.n)
                 together = {k: parallel_start(cd, r, args.pods) for k, r in kinds.items()}
                 memory = {
                     k: pod_memory(cd, r, shm / "clones") for k, r in kinds.items() if k != "runc"

@@ -117,6 +117,18 @@ def timed_run(cd: Containerd, runtime: str) -> float:
     raise RuntimeError(f"ctr run --rm failed {RETRIES} times")
 
 
+def alternating_runs(cd: Containerd, runtimes: dict[str, str], n: int) -> dict[str, list[float]]:
+    """``timed_run`` of each runtime n times, taking turns, after one warm-up run of each
+    (page cache, the accelerator probe)."""
+    for runtime in runtimes.values():
+        timed_run(cd, runtime)
+    times: dict[str, list[float]] = {name: [] for name in runtimes}
+    for _ in range(n):
+        for name, runtime in runtimes.items():
+            times[name].append(timed_run(cd, runtime))
+    return times
+
+
 def _failed(what: str, exc: Exception) -> None:
     # On a shared host another job's cleanup may kill our shims: say so, go on.
     print(f"pod_cost: {what}: {str(exc).strip()[:300]}", file=sys.stderr, flush=True)
@@ -427,12 +439,7 @@ def main() -> int:
         logs = Path(tmp)
         with host_ksm(args.ksm), private_containerd(args.containerd, args.ctr, env) as cd:
             runtime = runtimes(args.containerd)
-            for path in runtime.values():  # warm-up: page cache, the accelerator probe
-                timed_run(cd, path)
-            times: dict[str, list[float]] = {name: [] for name in runtime}
-            for _ in range(args.n):
-                for name, path in runtime.items():
-                    times[name].append(timed_run(cd, path))
+            times = alternating_runs(cd, runtime, args.n)
             at = sorted({1, args.pods, *args.at})
             hyp = effective.hypervisor
             kata = run_pods(cd, runtime["kata-py"], at, args.idle, "k", logs, hyp, vm_root)

@@ -412,22 +412,22 @@ def attach_console(path: str, stdin: int, stdout: int) -> int:
 
 def cmd_factory(args: argparse.Namespace) -> int:
     """``factory init | status | destroy``: the VM templates pods are cloned from;
-    ``factory serve``: warm shims (``shimv2.shim.warm``)."""
+    ``factory serve``: warm shims (``shimv2.shim.warm_server``)."""
     from shimv2.vc import template
     from shimv2.vc.config import load_config
 
     if args.action == "serve":  # warm shims, in the foreground (a service runs it)
         import logging
 
-        from shimv2.shim import warm
+        from shimv2.shim import warm_server
 
         if args.title_room is None:
             # Again, with room in the argument area for the shims' command lines
-            # (shimv2.shim.warm.set_cmdline).
+            # (shimv2.shim.warm_server.set_cmdline).
             again = [sys.executable, sys.argv[0], "factory", "serve", "--socket", args.socket]
-            os.execv(sys.executable, [*again, "--title-room", "." * warm.TITLE_ROOM])
+            os.execv(sys.executable, [*again, "--title-room", "." * warm_server.TITLE_ROOM])
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-        return warm.serve(args.socket)
+        return warm_server.serve(args.socket)
     config = load_config(args.config)
     path = config.factory.template_path
     qemu = config.qemu(None)

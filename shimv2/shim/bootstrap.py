@@ -269,7 +269,7 @@ def spawn_daemon(
     """Start the daemon: ``sock`` as fd 3, a new session, stdio not ours, SIGTERM blocked.
 
     stdout and stderr go to the log FIFO when containerd reads one, else /dev/null.
-    A warm shim server (``shimv2.shim.warm``), when one runs, forks it instead.
+    A warm shim server (``shimv2.shim.warm_server``), when one runs, forks it instead.
     """
     # Above 3, so that dup2(…, 3) really clears close-on-exec.
     sock_fd = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 4)

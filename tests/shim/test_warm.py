@@ -97,3 +97,17 @@ def test_requests_are_checked_before_anything_is_forked() -> None:
     ):  # fmt: skip
         with pytest.raises(BadRequest):
             parse_request(bad)
+
+
+def test_a_second_server_leaves_a_live_one_alone(
+    server: tuple[str, subprocess.Popen[bytes]],
+) -> None:
+    path, proc = server
+    kata_py = f"{sys.executable.rsplit('/', 1)[0]}/kata-py"
+    second = subprocess.run(
+        [kata_py, "factory", "serve", "--socket", path], capture_output=True, text=True, timeout=60
+    )
+    assert second.returncode != 0
+    assert "already listens" in second.stderr
+    assert proc.poll() is None  # the first still serves its socket
+    assert os.path.exists(path)
