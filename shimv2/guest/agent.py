@@ -37,7 +37,10 @@ AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
 LOG_PREFIX = "kata-py-agent"
 READY_LINE = "KATA_PY_AGENT_READY"
-CHANNELS = ("auto", "serial", "vsock")
+# serial+vsock: a VM template's. Its builder talks over the serial port; its
+# clones over vsock, once the host plugs their vsock device (hotplug after the
+# restore: a vsock device in the template would give every clone its CID).
+CHANNELS = ("auto", "serial", "vsock", "serial+vsock")
 DEFAULT_STATE_DIR = "/run/kata-py/containers"
 
 
@@ -243,24 +246,37 @@ async def serve_channel(
         if options.channel == "auto" and vsock_dev.exists():
             wait = min(wait, 1.0)
         port = await ch.wait_for_serial_port(wait, dev=dev, sys_ports=sys_ports)
-    if options.channel == "serial" or (options.channel == "auto" and port is not None):
-        if port is None:
-            raise ch.ChannelError(f"no virtio-serial port {ch.AGENT_PORT_NAME}")
-        fd = ch.open_port(port)
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(ch.serve_port, server, fd)
-                on_ready(f"serial:{port}")
-        finally:
-            os.close(fd)
-        return
-    if options.channel == "auto" and not vsock_dev.exists():
+    serial = options.channel in ("serial", "serial+vsock") or (
+        options.channel == "auto" and port is not None
+    )
+    vsock = options.channel in ("vsock", "serial+vsock") or not serial
+    if serial and port is None:
+        raise ch.ChannelError(f"no virtio-serial port {ch.AGENT_PORT_NAME}")
+    if options.channel == "auto" and not serial and not vsock_dev.exists():
         raise ch.ChannelError(f"neither a virtio-serial port {ch.AGENT_PORT_NAME} nor {vsock_dev}")
-    listener = ch.open_vsock_listener(options.vsock_port)
-    with listener:
+    # Opened before anything is served: either failing fails the channel.
+    fd = ch.open_port(port) if serial and port is not None else None
+    try:
+        listener = ch.open_vsock_listener(options.vsock_port) if vsock else None
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
+    try:
         async with trio.open_nursery() as nursery:
-            await nursery.start(ch.serve_listener, server, listener)
-            on_ready(f"vsock:{options.vsock_port}")
+            where = []
+            if fd is not None:
+                await nursery.start(ch.serve_port, server, fd)
+                where.append(f"serial:{port}")
+            if listener is not None:
+                await nursery.start(ch.serve_listener, server, listener)
+                where.append(f"vsock:{options.vsock_port}")
+            on_ready(" and ".join(where))
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if listener is not None:
+            listener.close()
 
 
 async def debug_console(reaper: Any, port_wait: float) -> None:

@@ -60,6 +60,8 @@ COMMAND_LINE_SIZE = 2048  # x86's, with the final NUL
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 ACCEL_CACHE = Path("/run/kata-py/accel.json")
 HOTPLUG_PORTS = 4  # PCIe root ports free for device hotplug (q35, or late devices)
+# A late vsock device's port: the last, so NICs keep rp1 and up.
+LATE_VSOCK_PORT = f"rp{HOTPLUG_PORTS - 1}"
 RESTORE_TIMEOUT = 20.0  # seconds to load a template's state (~0.02 s measured)
 # TCG's translation cache, MiB: QEMU 7.2 reserves 1 GiB, fills ~94 MiB by the
 # time a container runs, and keeps it. Full, it is flushed and refilled: at 48
@@ -189,8 +191,10 @@ class QemuConfig:
                 )
         if self.image:
             image_mib(self.image)
-        if len(self.hotplug_nics) >= HOTPLUG_PORTS:  # one port is virtio-fs's
-            raise InvalidArgument(f"at most {HOTPLUG_PORTS - 1} NICs can be plugged late")
+        # One port is virtio-fs's, and one a late vsock device's (any channel but serial).
+        nic_ports = HOTPLUG_PORTS - 1 - (self.agent_channel != "serial")
+        if len(self.hotplug_nics) > nic_ports:
+            raise InvalidArgument(f"at most {nic_ports} NICs can be plugged late")
         if (self.incoming or self.hotplug_nics) and not self.late_devices:
             raise InvalidArgument("a clone's devices are plugged late (late_devices)")
         if shutil.which(self.binary) is None:
@@ -304,6 +308,10 @@ class Qemu:
         if self.channel is not None:
             return self.channel
         return "serial" if self.config.agent_channel == "auto" else self.config.agent_channel
+
+    def _late_vsock(self) -> bool:
+        """A vsock device plugged after the restore: a clone's (``shimv2.vc.template``)."""
+        return self.config.late_devices and self._channel() != "serial"
 
     def _shared_ram(self) -> bool:
         """Guest RAM other processes map: virtiofsd, a vsock backend, a template's files."""
@@ -438,6 +446,15 @@ class Qemu:
             driver, *props = spec.split(",")
             args = dict(p.split("=", 1) for p in props)
             await qmp.execute("device_add", {"driver": driver, "bus": f"rp{i}", **args})
+        if self._late_vsock():
+            # The template's agent listens on vsock already (``kernel_cmdline``);
+            # the clone's CID is its own, given here.
+            vsock: dict[str, object] = {"id": "vsock0", "bus": LATE_VSOCK_PORT}
+            if self._channel() == "vsock":
+                vsock |= {"driver": "vhost-vsock-pci", "guest-cid": self._vsock_cid}
+            else:
+                vsock |= {"driver": "vhost-user-vsock-pci", "chardev": "vsock"}
+            await qmp.execute("device_add", vsock)
 
     @classmethod
     async def adopt(
@@ -577,6 +594,10 @@ class Qemu:
 
     def kernel_cmdline(self) -> str:
         channel = "serial" if self._channel() == "serial" else "vsock"
+        if self.config.late_devices:
+            # A template (or a clone, which boots nothing): the serial port for
+            # the host building it, a vsock listener for clones that use vsock.
+            channel = "serial+vsock"
         params = [*FAST_PARAMS, f"tsc_early_khz={host_tsc_khz()}", f"kata_py.channel={channel}"]
         if self.config.disable_mitigations:
             params += NO_MITIGATIONS
@@ -648,7 +669,11 @@ class Qemu:
         argv += ["-M", f"{machine},mem-merge={'on' if cfg.ksm else 'off'}"]
         serial = "virtio-serial-device" if microvm else "virtio-serial-pci"
         channel = self._channel()
-        if channel == "vsock":
+        serial_port = channel == "serial" or cfg.late_devices  # clones have their template's
+        if self._late_vsock():
+            if channel == "hybrid-vsock":  # the backend is connected now, the device later
+                argv += ["-chardev", f"socket,id=vsock,path={self.vhost_vsock_path}"]
+        elif channel == "vsock":
             dev = "vhost-vsock-device" if microvm else "vhost-vsock-pci"
             argv += ["-device", f"{dev},guest-cid={self._vsock_cid or 3}"]
         elif channel == "hybrid-vsock":
@@ -657,14 +682,14 @@ class Qemu:
                 "-chardev", f"socket,id=vsock,path={self.vhost_vsock_path}",
                 "-device", f"{dev},chardev=vsock",
             ]  # fmt: skip
-        else:
+        if serial_port:
             argv += [
                 "-device", f"{serial},id=vser0",
                 "-chardev", f"socket,id=agent,path={self.agent_path},server=on,wait=off",
                 "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}",
             ]  # fmt: skip
         if cfg.debug_console:
-            if channel != "serial":
+            if not serial_port:
                 argv += ["-device", f"{serial},id=vser0"]
             argv += [
                 "-chardev", f"socket,id=dbgcon,path={self.debug_console_path},server=on,wait=off",

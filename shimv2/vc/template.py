@@ -11,8 +11,9 @@ see, and write into, the template. Each clone gets its own sparse copy of the
 RAM files instead, only the pages the template touched (~100 MiB, ~0.1 s on
 tmpfs), mapped shared. The copy is made inside the pod's cgroup, which pays for
 it. vhost-user-fs cannot be migrated (QEMU 7.2), nor can a NIC be in the
-template, so templates and clones have PCIe root ports, and both are plugged
-after the restore (``Qemu._plug_late_devices``).
+template, nor a vsock device (its CID is in the saved state), so templates and
+clones have PCIe root ports, and all three are plugged after the restore
+(``Qemu._plug_late_devices``).
 
 Templates are keyed by what the guest was booted from and with (``template_key``);
 a clone of a template that is missing, stale or broken falls back to a cold boot,
@@ -40,7 +41,7 @@ from shimv2.vc.qemu import Qemu, QemuConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1  # bumped when what a template holds changes
+FORMAT = 2  # bumped when what a template holds changes (2: its agent listens on vsock too)
 RAM_FILES = ("mem", "mem1")  # what ``Qemu`` names guest RAM backends
 STATE_FILE = "state"
 META_FILE = "template.json"
@@ -63,8 +64,10 @@ def template_config(config: QemuConfig) -> QemuConfig:
         incoming=None,
         late_devices=True,
         hotplug_nics=(),
-        # A vsock device keeps its guest CID in the saved state: every clone would
-        # have the template's. virtio-serial has no address to share.
+        # The template's builder talks over virtio-serial. A vsock device would keep
+        # its guest CID in the saved state, giving every clone the template's: a
+        # clone that uses vsock gets its own device after the restore, and the
+        # template's agent listens on vsock for it (``Qemu.kernel_cmdline``).
         agent_channel="serial",
     )
 
@@ -313,7 +316,6 @@ class TemplateFactory:
             late_devices=True,
             hotplug_nics=nics,
             extra_args=extra_args,
-            agent_channel="serial",  # as its template (``template_config``)
         )
 
 

@@ -29,7 +29,7 @@ from tests.e2e.conftest import (
     shim_pids,
     shim_sockets,
 )
-from tests.e2e.test_ctr import cid, remove
+from tests.e2e.test_ctr import cid, kill_a_running_pods_vm, remove
 from tests.leaks import cgroup_dirs, vm_processes
 
 pytestmark = pytest.mark.vm
@@ -110,6 +110,18 @@ def test_a_killed_clones_shim_is_cleaned_up_by_delete(templated: tuple[Container
             time.sleep(0.5)
     finally:
         remove(cd, name)
+    assert_nothing_left(before, cgroups_before)
+
+
+def test_a_clone_whose_vsock_backend_dies_ends_like_a_cold_pod(
+    templated: tuple[Containerd, Path],
+) -> None:
+    """Clones talk to their agent over hybrid vsock here (``auto``): its device is
+    plugged after the restore, and its backend's death ends the pod."""
+    cd, shm = templated
+    before, cgroups_before = shim_sockets(), cgroup_dirs()
+    name = kill_a_running_pods_vm(cd, "vhost-device-vsock")
+    assert not (shm / "clones" / name).exists()
     assert_nothing_left(before, cgroups_before)
 
 

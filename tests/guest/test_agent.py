@@ -146,8 +146,12 @@ async def test_undecodable_then_valid_on_one_connection() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_serve_channel_on_a_serial_port(tmp_path: Path, nursery: trio.Nursery) -> None:
+@pytest.mark.parametrize("channel", ["serial", "serial+vsock"])
+async def test_serve_channel_on_a_serial_port(
+    tmp_path: Path, nursery: trio.Nursery, channel: str
+) -> None:
     # The agent opens the pty's slave as its port; the master plays the host.
+    # serial+vsock (a template's) also listens on vsock, for its clones.
     master, slave = pty.openpty()
     tty.setraw(slave)
     ready: list[str] = []
@@ -158,13 +162,18 @@ async def test_serve_channel_on_a_serial_port(tmp_path: Path, nursery: trio.Nurs
         is_ready.set()
 
     agent = make_agent()
-    opts = Options(channel="serial", port=os.ttyname(slave))
+    opts = Options(channel=channel, port=os.ttyname(slave), vsock_port=free_vsock_port())
     nursery.start_soon(
         lambda: agent_mod.serve_channel(agent.server, opts, on_ready=on_ready, dev=tmp_path)
     )
     with trio.fail_after(5):
         await is_ready.wait()
-    assert ready == [f"serial:{opts.port}"]
+    if channel == "serial":
+        assert ready == [f"serial:{opts.port}"]
+    else:
+        assert ready == [f"serial:{opts.port} and vsock:{opts.vsock_port}"]
+        with pytest.raises(ch.ChannelError, match="in use"):  # our listener holds it
+            ch.open_vsock_listener(opts.vsock_port).close()
     client = Client(FdTransport(master))
     async with trio.open_nursery() as inner:
         inner.start_soon(client.receive_loop)
@@ -177,6 +186,13 @@ async def test_serve_channel_on_a_serial_port(tmp_path: Path, nursery: trio.Nurs
     await client.aclose()
     os.close(slave)
     nursery.cancel_scope.cancel()
+
+
+def free_vsock_port() -> int:
+    """A vsock port nobody on this host listens on (the host needs no vsock device to listen)."""
+    with socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM) as probe:
+        probe.bind((socket.VMADDR_CID_ANY, socket.VMADDR_PORT_ANY))
+        return int(probe.getsockname()[1])
 
 
 async def test_serve_channel_without_any_channel_fails(tmp_path: Path) -> None:

@@ -21,12 +21,19 @@ from shimv2 import errdefs
 from shimv2.guest.oci import spec_to_json
 from shimv2.vc import template
 from shimv2.vc.api import VirtContainers, factory_for
-from shimv2.vc.config import Config, FactoryConfig, RuntimeConfig, parse_config
+from shimv2.vc.config import (
+    Config,
+    FactoryConfig,
+    HypervisorConfig,
+    RuntimeConfig,
+    parse_config,
+)
 from shimv2.vc.container import ContainerConfig
 from shimv2.vc.factory import DirectFactory
-from shimv2.vc.qemu import Qemu, QemuConfig
+from shimv2.vc.qemu import AGENT_PORT_NAME, Qemu, QemuConfig
 from shimv2.vc.sandbox import SandboxConfig
 from shimv2.vc.template import TemplateFactory, split_nics, template_key
+from shimv2.vc.vsock import default_backend, resolve_channel
 from tests.guest.rootfs import build_rootfs, make_spec
 from tests.leaks import RecordingCgroups
 from tests.vc.test_sandbox import container, host_cgroups, pod_netns, sid, state_dir
@@ -95,6 +102,33 @@ def test_late_devices_and_a_restore_on_the_command_line(tmp_path: Path) -> None:
         dataclasses.replace(clone.config, hotplug_nics=too_many).validate()
 
 
+@pytest.mark.parametrize("channel", ["serial", "hybrid-vsock", "vsock"])
+def test_a_clone_has_its_templates_serial_port_and_gets_vsock_late(
+    tmp_path: Path, channel: str
+) -> None:
+    template_vm = _qemu(tmp_path, **dataclasses.asdict(template.template_config(QemuConfig())))
+    assert "kata_py.channel=serial+vsock" in template_vm.kernel_cmdline()
+    clone = _qemu(
+        tmp_path,
+        late_devices=True,
+        memory_dir=str(tmp_path / "ram"),
+        incoming=str(tmp_path / "state"),
+        agent_channel=channel,
+    )
+    line = " ".join(clone.argv())
+    # The device set is the template's: its agent port, no vsock device (plugged late).
+    assert f"chardev=agent,name={AGENT_PORT_NAME}" in line
+    assert "vsock-device" not in line
+    assert "vsock-pci" not in line
+    assert ("socket,id=vsock" in line) == (channel == "hybrid-vsock")  # the backend's chardev
+    nics = ("virtio-net-pci,netdev=n,mac=02:00:00:00:00:01",) * 3
+    if channel == "serial":
+        dataclasses.replace(clone.config, hotplug_nics=nics).validate()
+    else:  # the last root port is the vsock device's
+        with pytest.raises(errdefs.InvalidArgument, match="at most 2 NICs"):
+            dataclasses.replace(clone.config, hotplug_nics=nics).validate()
+
+
 def test_a_clones_nics_become_pci_devices_and_their_taps_stay() -> None:
     config = QemuConfig(
         extra_args=(
@@ -160,10 +194,19 @@ def template_path() -> Iterator[str]:
 
 @pytest.fixture
 async def vc_from_template(
-    template_path: str, state_dir: str, nursery: trio.Nursery, host_cgroups: RecordingCgroups
+    template_path: str,
+    state_dir: str,
+    nursery: trio.Nursery,
+    host_cgroups: RecordingCgroups,
+    request: pytest.FixtureRequest,
 ) -> AsyncIterator[VirtContainers]:
+    """Pods cloned from the module's template; the agent channel by indirect parameter."""
     factory = FactoryConfig(enable_template=True, template_path=template_path)
-    config = Config(runtime=RuntimeConfig(state_dir=state_dir), factory=factory)
+    config = Config(
+        hypervisor=HypervisorConfig(agent_channel=getattr(request, "param", "auto")),
+        runtime=RuntimeConfig(state_dir=state_dir),
+        factory=factory,
+    )
     yield VirtContainers(nursery, config, cgroups=host_cgroups)
     clones = template.clones_dir(template_path)
     assert not clones.exists() or list(clones.iterdir()) == []  # every clone's RAM is gone
@@ -185,10 +228,13 @@ FIRST_ACTION = "od -An -tx1 -N16 /dev/urandom | tr -d ' \\n'; echo; date +%s; ho
 
 
 @pytest.mark.vm
+@pytest.mark.parametrize("vc_from_template", ["auto", "serial"], indirect=True)
 async def test_clones_draw_their_own_randomness_and_keep_the_hosts_clock(
     vc_from_template: VirtContainers, tmp_path: Path
 ) -> None:
     vc = vc_from_template
+    # auto is hybrid vsock here (scripts/setup builds its backend): plugged after the restore.
+    wanted = resolve_channel(vc.config.hypervisor.agent_channel, default_backend())
     lines: dict[str, list[str]] = {}
     for name in ("one", "two"):
         s = sid()
@@ -201,6 +247,7 @@ async def test_clones_draw_their_own_randomness_and_keep_the_hosts_clock(
         sandbox = await vc.run_sandbox(cfg)
         assert sandbox.vm is not None
         assert sandbox.vm.restored
+        assert sandbox.vm.channel == wanted
         c = sandbox.container(f"c{name}")
         out = b""
         with trio.fail_after(60):
