@@ -117,6 +117,19 @@ async def test_sandbox_and_container_verbs(vc: VirtContainers, tmp_path: Path) -
     assert (await read_all(vc, s, "main", "e1")).decode().strip() == GUEST_KERNEL
     assert await c.wait_exec("e1") == 0
 
+    # The guest loads a module a container needs on demand (critest's brctl specs).
+    caps = ["CAP_NET_ADMIN"]
+    bridge = {
+        "args": ["sh", "-c", "brctl addbr kpybr0 && ip -o link show kpybr0"],
+        "cwd": "/",
+        "user": {"uid": 0, "gid": 0},
+        "capabilities": {"bounding": caps, "effective": caps, "permitted": caps},
+    }
+    await vc.enter_container(s, "main", "e2", bridge)
+    out = await read_all(vc, s, "main", "e2")
+    assert await c.wait_exec("e2") == 0, out
+    assert b"kpybr0" in out
+
     assert b"sleep" in await vc.process_list_container(s, "main", "table")
     stats = await vc.stats_container(s, "main")
     assert stats.cgroup_stats.memory_stats.usage.usage > 0
