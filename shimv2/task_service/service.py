@@ -163,10 +163,18 @@ def load_spec(bundle: str) -> dict[str, Any]:
 
 
 def network_namespace(spec: Mapping[str, Any]) -> str:
+    """The pod's network namespace path ("": a new one, unconnected).
+
+    No network namespace in the spec means the host's (CRI's hostNetwork, ctr
+    --net-host): a VM cannot join it, so such a pod is refused, as Kata does.
+    """
     for ns in (spec.get("linux") or {}).get("namespaces") or []:
         if ns.get("type") == "network":
             return str(ns.get("path") or "")
-    return ""
+    raise InvalidArgument(
+        "host networking is not supported: a pod in a VM cannot share the host's network "
+        "namespace (CRI hostNetwork, ctr --net-host)"
+    )
 
 
 def cgroups_path(spec: Mapping[str, Any]) -> str:

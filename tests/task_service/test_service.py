@@ -37,7 +37,7 @@ from shimv2.pb.containerd.types.task import task_pb2
 from shimv2.pb.kata import agent_pb2
 from shimv2.pb.ttrpc.request_pb2 import Response
 from shimv2.task_service import TaskService, VirtContainers
-from shimv2.task_service.service import cgroups_path
+from shimv2.task_service.service import cgroups_path, network_namespace
 from shimv2.task_service.stats import host_is_cgroup_v2
 from shimv2.task_service.testing import (
     FAKE_VM_PID,
@@ -221,6 +221,24 @@ async def test_sandbox_config_from_spec(h: Harness) -> None:
     assert (config.id, config.hostname, config.netns) == ("c1", "c1", "/var/run/netns/x")
     assert [c.id for c in config.containers] == ["c1"]
     assert config.cgroups_path == "/kubepods/besteffort/pod1/c1"  # QEMU's cgroup
+
+
+def test_a_pod_on_the_hosts_network_is_refused() -> None:
+    # CRI's hostNetwork and ctr --net-host leave the network namespace out.
+    assert network_namespace({"linux": {"namespaces": [{"type": "network"}]}}) == ""
+    for spec in ({}, {"linux": {"namespaces": [{"type": "pid"}]}}):
+        with pytest.raises(InvalidArgument, match="host networking is not supported"):
+            network_namespace(spec)
+
+
+async def test_a_host_network_sandbox_is_refused_before_anything_starts(h: Harness) -> None:
+    bundle = Path(h.bundle("c1"))
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["linux"]["namespaces"] = [{"type": "pid"}]
+    (bundle / "config.json").write_text(json.dumps(spec))
+    with pytest.raises(InvalidArgument, match="host networking"):
+        await h("Create", id="c1", bundle=str(bundle))
+    assert h.vc.sandboxes == {}
 
 
 def test_cgroups_path_must_be_a_string() -> None:
@@ -733,7 +751,12 @@ async def _serve_calls_in_time(bundle: str, calls: list[FuzzCall]) -> list[Respo
 @pytest.fixture(scope="module")
 def fuzz_bundle(tmp_path_factory: pytest.TempPathFactory) -> str:
     path = tmp_path_factory.mktemp("bundle")
-    spec = {"ociVersion": "1.1.0", "process": {"args": ["sh"], "cwd": "/"}, "root": {"path": "r"}}
+    spec = {
+        "ociVersion": "1.1.0",
+        "process": {"args": ["sh"], "cwd": "/"},
+        "root": {"path": "r"},
+        "linux": {"namespaces": [{"type": "network"}]},
+    }
     (path / "config.json").write_text(json.dumps(spec))
     return str(path)
 
