@@ -106,8 +106,13 @@ class Container:
     async def create(self, config: ContainerConfig) -> None:
         """Mount its storage (recorded first) and create the container in the guest."""
         spec = guest_spec(config.spec, self.id)
-        for index, source in (await self.sandbox.mount_storage(self, config)).items():
-            spec.Mounts[index].source = source
+        for index, bind in (await self.sandbox.mount_storage(self, config)).items():
+            mount = spec.Mounts[index]
+            mount.source = bind.source
+            if bind.ro_on_host_only:
+                kept = [o for o in mount.options if o != "ro"]
+                del mount.options[:]
+                mount.options.extend(kept)
         request = agent_pb2.CreateContainerRequest(
             container_id=self.id,
             exec_id=self.id,

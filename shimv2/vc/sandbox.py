@@ -363,10 +363,12 @@ class Sandbox:
         self.save()
         return container
 
-    async def mount_storage(self, container: Container, config: ContainerConfig) -> dict[int, str]:
+    async def mount_storage(
+        self, container: Container, config: ContainerConfig
+    ) -> dict[int, storage.SharedBind]:
         """The rootfs and the spec's bind sources under the shared dir.
 
-        Returns the guest source of each shared bind mount, by its index in
+        Returns how the guest names each shared bind mount, by its index in
         the spec's mounts.
         """
         root = config.spec.get("root") or {}

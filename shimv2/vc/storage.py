@@ -29,7 +29,7 @@ import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from shimv2.errdefs import Internal, InvalidArgument
 from shimv2.vc import linux, safefs
@@ -78,6 +78,26 @@ def guest_rootfs(cid: str) -> str:
 
 def guest_mount_source(cid: str, index: int) -> str:
     return f"{GUEST_SHARED}/{container_id(cid)}/mounts/{index}"
+
+
+class SharedBind(NamedTuple):
+    """A spec bind mount as the guest must name it."""
+
+    source: str  # under ``GUEST_SHARED``
+    # A plain ``ro`` over a tree with submounts: the host made the top mount
+    # read-only and left the submounts writable, but virtio-fs shows the guest
+    # one mount, where ``ro`` would cover them all. The guest must not repeat it.
+    ro_on_host_only: bool = False
+
+
+def _mounts_below(path: Path) -> bool:
+    """Anything mounted beneath ``path``."""
+    prefix = str(path).rstrip("/") + "/"
+    for char, code in (("\\", "\\134"), (" ", "\\040"), ("\t", "\\011"), ("\n", "\\012")):
+        prefix = prefix.replace(char, code)  # as mountinfo writes it
+    wanted = os.fsencode(prefix)
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(line.split(b" ", 5)[4].startswith(wanted) for line in f)
 
 
 # -- the two views ------------------------------------------------------------------
@@ -259,16 +279,16 @@ def share_bind_mounts(
     cid: str,
     mounts: Sequence[Mapping[str, Any]],
     record: list[str],
-) -> dict[int, str]:
+) -> dict[int, SharedBind]:
     """Bind the host paths of the spec's bind mounts into ``mounts/<cid>/mounts``.
 
-    Returns, by index in ``mounts``, the source the guest's spec must name
+    Returns, by index in ``mounts``, how the guest's spec must name each one
     instead. Every source is checked before anything is mounted; ``record``
     gets each mount point before its mount.
     """
     wanted = [(i, _host_bind_source(m, i), m) for i, m in enumerate(mounts)]
     wanted = [(i, source, m) for i, source, m in wanted if source is not None]
-    guest: dict[int, str] = {}
+    guest: dict[int, SharedBind] = {}
     if not wanted:
         return guest
     rel = f"{container_id(cid)}/mounts"
@@ -279,9 +299,11 @@ def share_bind_mounts(
             assert source is not None
             options = [str(o) for o in mount.get("options") or []]
             tree = _clone(source, "rbind" in options)
-            record.append(str(Path(sandbox_dir) / MOUNTS / rel / str(index)))
+            point = Path(sandbox_dir) / MOUNTS / rel / str(index)
+            record.append(str(point))
             _attach(tree, top, str(index), options)
-            guest[index] = guest_mount_source(cid, index)
+            host_only = "ro" in options and "rro" not in options and _mounts_below(point)
+            guest[index] = SharedBind(guest_mount_source(cid, index), host_only)
     return guest
 
 

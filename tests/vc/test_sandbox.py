@@ -524,9 +524,13 @@ async def test_bind_mounts_of_host_paths_reach_the_container(
     conf.mkdir()
     (conf / "setting").write_text("on\n")
     hosts.write_text("10.1.2.3 db\n")
+    # A plain ro covers the top mount only: a tmpfs below it stays writable (as runc;
+    # critest's non-recursive read-only spec). virtio-fs shows the guest one mount.
+    (conf / "scratch").mkdir()
+    await trio.run_process(["mount", "-t", "tmpfs", "scratch", conf / "scratch"])
     script = (
         "echo out > /data/written; cat /conf/setting /etc/hosts;"
-        " touch /conf/x 2>/dev/null && echo writable || echo read-only"
+        " touch /conf/x 2>&1 || echo read-only; echo in > /conf/scratch/y && echo sub-writable"
     )
     cfg = container(tmp_path, "c", ["sh", "-c", script])
 
@@ -540,14 +544,20 @@ async def test_bind_mounts_of_host_paths_reach_the_container(
     ]
     cfg = dataclasses.replace(cfg, spec={**cfg.spec, "mounts": [*cfg.spec["mounts"], *binds]})
     s = sid()
-    sandbox = await vc.run_sandbox(SandboxConfig(id=s, containers=(cfg,)))
-    assert await read_all(vc, s, "c") == b"on\n10.1.2.3 db\nread-only\n"
-    with trio.fail_after(30):
-        assert await sandbox.container("c").wait() == 0
-    assert (data / "written").read_text() == "out\n"
-    assert not (conf / "x").exists()
-    await vc.stop_sandbox(s)
-    await vc.delete_sandbox(s)  # the state_dir fixture checks that no mount is left
+    try:
+        sandbox = await vc.run_sandbox(SandboxConfig(id=s, containers=(cfg,)))
+        assert await read_all(vc, s, "c") == (
+            b"on\n10.1.2.3 db\ntouch: /conf/x: Read-only file system\nread-only\nsub-writable\n"
+        )
+        with trio.fail_after(30):
+            assert await sandbox.container("c").wait() == 0
+        assert (data / "written").read_text() == "out\n"
+        assert not (conf / "x").exists()
+        assert (conf / "scratch" / "y").read_text() == "in\n"
+        await vc.stop_sandbox(s)
+        await vc.delete_sandbox(s)  # the state_dir fixture checks that no mount is left
+    finally:
+        await trio.run_process(["umount", conf / "scratch"])
 
 
 def _status_bytes(pid: int, field: str) -> int:
