@@ -35,7 +35,7 @@ from shimv2.guest.oci import spec_to_json  # noqa: E402
 from shimv2.vc.api import VirtContainers  # noqa: E402
 from shimv2.vc.config import Config, HypervisorConfig, RuntimeConfig  # noqa: E402
 from shimv2.vc.container import ContainerConfig  # noqa: E402
-from shimv2.vc.qemu import default_guest_dir  # noqa: E402
+from shimv2.vc.qemu_config import default_guest_dir  # noqa: E402
 from shimv2.vc.sandbox import Sandbox, SandboxConfig  # noqa: E402
 from tests.guest.rootfs import build_rootfs, make_spec  # noqa: E402
 

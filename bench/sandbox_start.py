@@ -35,7 +35,8 @@ from shimv2.vc.api import VirtContainers  # noqa: E402
 from shimv2.vc.config import Config, RuntimeConfig  # noqa: E402
 from shimv2.vc.container import ContainerConfig  # noqa: E402
 from shimv2.vc.factory import DirectFactory  # noqa: E402
-from shimv2.vc.qemu import Qemu, QemuConfig  # noqa: E402
+from shimv2.vc.qemu import Qemu  # noqa: E402
+from shimv2.vc.qemu_config import QemuConfig  # noqa: E402
 from shimv2.vc.sandbox import SandboxConfig  # noqa: E402
 from tests.guest.rootfs import build_rootfs, make_spec  # noqa: E402
 

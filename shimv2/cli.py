@@ -92,7 +92,7 @@ def _checks(config_path: str | None) -> list[tuple[str, bool, str]]:
     check("agent channel", usable, f"{detail}; agent_channel = {hyp.agent_channel}")
     if qemu is not None and os.path.isfile(hyp.kernel):
         from shimv2.vc.accel import choose_accelerator
-        from shimv2.vc.qemu import ACCEL_CACHE
+        from shimv2.vc.qemu_config import ACCEL_CACHE
 
         accel, reason = trio.run(
             choose_accelerator, hyp.accelerator, hyp.path, hyp.kernel, ACCEL_CACHE

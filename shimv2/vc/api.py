@@ -24,7 +24,8 @@ from shimv2.vc.container import ContainerConfig, ContainerStatus
 from shimv2.vc.factory import DirectFactory, Factory
 from shimv2.vc.ids import container_id, sandbox_id
 from shimv2.vc.persist import Store
-from shimv2.vc.qemu import HOTPLUG_PORTS, Qemu
+from shimv2.vc.qemu import Qemu
+from shimv2.vc.qemu_config import HOTPLUG_PORTS
 from shimv2.vc.sandbox import (
     Sandbox,
     SandboxConfig,

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from shimv2.errdefs import InvalidArgument
-from shimv2.vc.qemu import DEFAULT_MEMORY_MIB, TCG_TB_SIZE_MIB, QemuConfig, default_guest_dir
+from shimv2.vc.qemu_config import DEFAULT_MEMORY_MIB, TCG_TB_SIZE_MIB, QemuConfig, default_guest_dir
 from shimv2.vc.virtiofsd import VIRTIOFSD
 from shimv2.vc.vsock import default_backend
 

@@ -11,7 +11,8 @@ from typing import Protocol
 
 import trio
 
-from shimv2.vc.qemu import Qemu, QemuConfig
+from shimv2.vc.qemu import Qemu
+from shimv2.vc.qemu_config import QemuConfig
 
 
 class Factory(Protocol):

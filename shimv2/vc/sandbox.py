@@ -34,7 +34,8 @@ from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.ids import container_id, sandbox_id
 from shimv2.vc.persist import ContainerState, SandboxState, Store
 from shimv2.vc.procs import ProcessIdentity
-from shimv2.vc.qemu import SHARED_TAG, Qemu
+from shimv2.vc.qemu import Qemu
+from shimv2.vc.qemu_config import SHARED_TAG
 from shimv2.vc.ratelimit import Backoff, TokenBucket
 from shimv2.vc.vsock import backend_argv_marker
 

@@ -37,7 +37,8 @@ from shimv2.errdefs import Error, FailedPrecondition, InvalidArgument, NotFound,
 from shimv2.vc.agent import connect_agent
 from shimv2.vc.factory import DirectFactory, Factory
 from shimv2.vc.procs import Child
-from shimv2.vc.qemu import Qemu, QemuConfig
+from shimv2.vc.qemu import Qemu
+from shimv2.vc.qemu_config import QemuConfig
 
 log = logging.getLogger(__name__)
 

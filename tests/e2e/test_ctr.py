@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from shimv2.vc.qemu import default_guest_dir
+from shimv2.vc.qemu_config import default_guest_dir
 from tests.e2e.conftest import IMAGE, RUNTIME, Containerd, shim_pids
 from tests.leaks import cgroup_hierarchies, process_cgroups, vm_processes
 

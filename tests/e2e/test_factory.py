@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from shimv2.shim.bootstrap import WARM_SHIMS_ENV
-from shimv2.vc.qemu import default_guest_dir
+from shimv2.vc.qemu_config import default_guest_dir
 from tests.e2e.conftest import (
     IMAGE,
     RUNTIME,

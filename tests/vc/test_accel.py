@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from shimv2.vc.accel import choose_accelerator, probe_kvm
-from shimv2.vc.qemu import default_guest_dir
+from shimv2.vc.qemu_config import default_guest_dir
 
 KERNEL = str(default_guest_dir() / "vmlinux")
 

@@ -16,7 +16,7 @@ from shimv2.vc.config import (
     load_config,
     parse_config,
 )
-from shimv2.vc.qemu import TCG_TB_SIZE_MIB
+from shimv2.vc.qemu_config import TCG_TB_SIZE_MIB
 
 SAMPLE = """
 [hypervisor.qemu]

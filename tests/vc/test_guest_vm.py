@@ -20,7 +20,8 @@ from google.protobuf.empty_pb2 import Empty
 from shimv2 import errdefs
 from shimv2.pb.kata import agent_pb2, health_pb2, oci_pb2
 from shimv2.vc.agent import AgentClient, connect_agent
-from shimv2.vc.qemu import Qemu, QemuConfig, default_guest_dir
+from shimv2.vc.qemu import Qemu
+from shimv2.vc.qemu_config import QemuConfig, default_guest_dir
 from shimv2.vc.storage import GUEST_SHARED
 from tests.guest.rootfs import build_rootfs, make_process, make_spec
 from tests.leaks import vm_processes

@@ -26,7 +26,8 @@ from shimv2.vc.api import VirtContainers
 from shimv2.vc.config import Config, RuntimeConfig
 from shimv2.vc.persist import SandboxState
 from shimv2.vc.procs import Child, ProcessIdentity, process_start_time
-from shimv2.vc.qemu import Qemu, QemuConfig
+from shimv2.vc.qemu import Qemu
+from shimv2.vc.qemu_config import QemuConfig
 from shimv2.vc.sandbox import kill_recorded
 from tests.guest.rootfs import build_rootfs, make_spec
 from tests.leaks import vm_processes

@@ -15,7 +15,8 @@ import trio
 from shimv2.errdefs import FailedPrecondition, InvalidArgument
 from shimv2.vc.agent import connect_agent
 from shimv2.vc.console import CONSOLE_LIMIT
-from shimv2.vc.qemu import TCG_TB_SIZE_MIB, Qemu, QemuConfig
+from shimv2.vc.qemu import Qemu
+from shimv2.vc.qemu_config import TCG_TB_SIZE_MIB, QemuConfig
 from tests.leaks import vm_processes
 
 pytestmark = pytest.mark.vm

@@ -17,7 +17,8 @@ import trio
 from shimv2.errdefs import FailedPrecondition, InvalidArgument
 from shimv2.vc.agent import connect_agent
 from shimv2.vc.config import HypervisorConfig, parse_config
-from shimv2.vc.qemu import Qemu, QemuConfig, default_guest_dir
+from shimv2.vc.qemu import Qemu
+from shimv2.vc.qemu_config import QemuConfig, default_guest_dir
 from tests.leaks import vm_processes
 from tests.vc.test_qemu import _guest_shell, _vm
 

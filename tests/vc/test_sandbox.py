@@ -22,7 +22,7 @@ from shimv2.guest.oci import spec_to_json
 from shimv2.vc.api import VirtContainers
 from shimv2.vc.config import Config, HypervisorConfig, RuntimeConfig
 from shimv2.vc.container import ContainerConfig
-from shimv2.vc.qemu import default_guest_dir
+from shimv2.vc.qemu_config import default_guest_dir
 from shimv2.vc.sandbox import SandboxConfig
 from tests.guest.rootfs import build_rootfs, make_spec
 from tests.leaks import RecordingCgroups, cgroup_hierarchies, process_cgroups, vm_processes

@@ -30,7 +30,8 @@ from shimv2.vc.config import (
 )
 from shimv2.vc.container import ContainerConfig
 from shimv2.vc.factory import DirectFactory
-from shimv2.vc.qemu import AGENT_PORT_NAME, Qemu, QemuConfig
+from shimv2.vc.qemu import Qemu
+from shimv2.vc.qemu_config import AGENT_PORT_NAME, QemuConfig
 from shimv2.vc.sandbox import SandboxConfig
 from shimv2.vc.template import TemplateFactory, split_nics, template_key
 from shimv2.vc.vsock import default_backend, resolve_channel

@@ -13,7 +13,8 @@ import trio
 from shimv2.errdefs import Unavailable
 from shimv2.vc.agent import connect_agent, hybrid_handshake
 from shimv2.vc.hypervisor import AgentEndpoint
-from shimv2.vc.qemu import Qemu, QemuConfig
+from shimv2.vc.qemu import Qemu
+from shimv2.vc.qemu_config import QemuConfig
 from shimv2.vc.testing import FakeHybridBackend
 from shimv2.vc.vsock import default_backend, resolve_channel
 from tests.leaks import vm_processes
