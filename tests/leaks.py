@@ -26,7 +26,8 @@ def vm_processes(marker: str) -> list[str]:
     return [
         f"{pid}: {cmd[:200]}"
         for pid, cmd in _cmdlines().items()
-        if marker in cmd and any(h in cmd for h in helpers)
+        # By the program run, not by any word: a shell script that names them is none.
+        if marker in cmd and os.path.basename(cmd.split(" ", 1)[0]).startswith(helpers)
     ]
 
 
