@@ -160,7 +160,12 @@ class Container:
         if self.state.state in ("created", "running", "paused", "starting"):
             self.state.state = "stopped"
             self.state.exit_status = status
-            self.sandbox.save()
+            try:
+                self.sandbox.save()
+            except Error as exc:
+                # An exit must reach containerd whatever the disk does: the next
+                # save that succeeds writes it too.
+                log.error("container %s: exit %d not saved: %s", self.id, status, exc)
         self.init_exit.set(status if self.state.exit_status is None else self.state.exit_status)
 
     async def wait(self) -> int:

@@ -11,6 +11,7 @@ and what is mounted under it, the network attachments, the containers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -22,7 +23,14 @@ from typing import Any
 
 import trio
 
-from shimv2.errdefs import DataLoss, DeadlineExceeded, FailedPrecondition, NotFound
+from shimv2.errdefs import (
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    Internal,
+    NotFound,
+    ResourceExhausted,
+)
 from shimv2.vc import safefs, storage
 from shimv2.vc.ids import sandbox_id
 
@@ -130,13 +138,23 @@ class Store:
         return SandboxState.from_json(text, str(path))
 
     def save(self, state: SandboxState) -> None:
+        """Write the state (whole or not at all). A full disk is ResourceExhausted, any
+        other failure Internal; the state on disk is then the last one written."""
         path = self.sandbox_dir(state.id) / "state.json"
         tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            f.write(state.to_json())
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
+        try:
+            with open(tmp, "w") as f:
+                f.write(state.to_json())
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise (ResourceExhausted if full else Internal)(
+                f"sandbox {state.id}: cannot save its state: {exc.strerror}"
+            ) from None
 
     def remove(self, sid: str) -> None:
         """Remove the sandbox's directories, never following a link nor crossing a mount.

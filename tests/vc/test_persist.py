@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from shimv2.errdefs import DataLoss, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound
+from shimv2.errdefs import (
+    DataLoss,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from shimv2.vc.persist import ContainerState, SandboxState, Store
 
 
@@ -37,6 +44,24 @@ def test_round_trip_and_list(tmp_path: Path) -> None:
     assert store.list() == []
     with pytest.raises(NotFound):
         store.load("pod1")
+
+
+def test_a_full_disk_keeps_the_last_state_and_says_why(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "kpy", small], check=True)
+    try:
+        store = Store(small)
+        store.create("pod1")
+        store.save(_state())
+        big = _state()
+        big.containers["c1"].mounts = ["/m" * 1000] * 100  # over 64 KiB of JSON
+        with pytest.raises(ResourceExhausted, match="cannot save its state: No space left"):
+            store.save(big)
+        assert store.load("pod1") == _state()  # the last state written, whole
+        assert not (small / "sbs" / "pod1" / "state.tmp").exists()
+    finally:
+        subprocess.run(["umount", small], check=True)
 
 
 def test_ids_are_checked_before_paths(tmp_path: Path) -> None:
