@@ -100,8 +100,9 @@ async def hybrid_handshake(stream: trio.abc.Stream, port: int) -> None:
     What ``n`` is differs between backends (vhost-device-vsock says the guest
     port, Firecracker a host port): any number will do. The reply is read a
     byte at a time, so nothing of the ttrpc stream after it is consumed, and
-    bounded. A backend that closes first (the guest is not listening yet) is an
-    OSError, which the caller retries; anything else is Unavailable.
+    bounded. A backend that closes first (the guest is not listening yet) or
+    stays silent past HANDSHAKE_TIMEOUT is an OSError, which the caller
+    retries; anything else is Unavailable.
     """
     line = b""
     try:
@@ -117,7 +118,9 @@ async def hybrid_handshake(stream: trio.abc.Stream, port: int) -> None:
     except trio.BrokenResourceError as exc:
         raise ConnectionResetError(f"hybrid vsock: CONNECT {port}: {exc}") from exc
     except trio.TooSlowError:
-        raise Unavailable(
+        # A guest too busy to answer yet (TCG, many VMs booting): an OSError, so
+        # that the caller asks again until its own deadline, as for a reset.
+        raise TimeoutError(
             f"hybrid vsock: no reply to CONNECT {port} in {HANDSHAKE_TIMEOUT:g}s"
         ) from None
     words = line.split()

@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from shimv2.errdefs import Unavailable
+from shimv2.vc import agent as agent_module
 from shimv2.vc.agent import connect_agent, hybrid_handshake
 from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.qemu import Qemu
@@ -89,6 +90,21 @@ async def test_the_hybrid_handshake(tmp_path: Path, nursery: trio.Nursery) -> No
             await dial(bad)
     with pytest.raises(ConnectionResetError):  # not listening yet: the caller retries
         await dial(None)
+
+
+async def test_a_silent_hybrid_backend_is_retried_until_the_deadline(
+    tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest too busy to answer CONNECT in time (seen with pods starting at once
+    under TCG) is asked again, not given up on at the first try."""
+    monkeypatch.setattr(agent_module, "HANDSHAKE_TIMEOUT", 0.2)
+    backend = FakeHybridBackend(tmp_path / "silent.sock", reply=b"")
+    await nursery.start(backend.serve)
+    endpoint = AgentEndpoint(hybrid_path=str(backend.path))
+    with pytest.raises(Unavailable, match=r"agent not reachable.*no reply to CONNECT"):
+        async with connect_agent(endpoint, ready_timeout=0.7):
+            pass
+    assert len(backend.requests) >= 2  # it kept asking
 
 
 async def test_connect_agent_retries_until_the_guest_listens(
