@@ -44,6 +44,7 @@ class Containerd:
     cri_config: str | None = None
     env: Mapping[str, str] = field(default_factory=dict)  # more environment for containerd
     templated: bool = False  # its kata-py pods are cloned from a VM template
+    config_version: int = 2  # of its config.toml: 3 is containerd 2.x's own form
     channel: str = ""  # the agent channel its kata-py pods use ("": auto)
     proc: subprocess.Popen[bytes] | None = None
     log: Path = field(init=False)
@@ -62,7 +63,7 @@ class Containerd:
         config = self.base / "config.toml"
         cri = self.cri_config
         config.write_text(
-            "version = 2\n"
+            f"version = {self.config_version}\n"
             f'root = "{self.base}/root"\n'
             f'state = "{self.base}/state"\n'
             + ('disabled_plugins = ["io.containerd.grpc.v1.cri"]\n' if cri is None else "")
@@ -138,8 +139,18 @@ def _version_id(param: tuple[str, str, str, str]) -> str:
 
 
 def shim_pids() -> list[int]:
-    out = subprocess.run(["pgrep", "-f", SHIM], capture_output=True, text=True)
-    return [int(p) for p in out.stdout.split()]
+    """kata-py shims: the program run (or the script Python runs) is the shim, not a
+    command line that merely names it (a shell script, a pgrep)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        head = [os.path.basename(a).decode(errors="replace") for a in argv[:3]]
+        if head and (head[0] == SHIM or (head[0].startswith("python") and SHIM in head[1:])):
+            found.append(int(entry))
+    return sorted(found)
 
 
 @pytest.fixture(scope="session", params=VERSIONS, ids=_version_id)

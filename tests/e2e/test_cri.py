@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from shimv2.vc.config import GUEST_OVERHEAD_MIB
-from shimv2.vc.qemu import default_guest_dir
+from shimv2.vc.qemu_config import default_guest_dir
 from tests.e2e.conftest import (
     IMAGE,
     ROOT,
@@ -46,14 +46,37 @@ SUBNET = "10.231.7.0/24"
 HANDLER = "kata-py"
 
 
-def cri_config(base: Path) -> str:
+INSTALL_GUIDE = ROOT / "docs" / "install.md"
+
+
+def install_guide_snippet(heading: str) -> str:
+    """The first ``toml`` block after ``heading`` in docs/install.md: the suite runs the
+    guide's containerd configuration, so that it stays true."""
+    lines = INSTALL_GUIDE.read_text().splitlines()
+    start = lines.index(heading)
+    begin = lines.index("```toml", start) + 1
+    return "\n".join(lines[begin : lines.index("```", begin)]) + "\n"
+
+
+def cri_config(base: Path, config_version: int = 2) -> str:
+    """containerd 2.x's own form (3) with the guide's 2.x handler, or 1.x's (2) with its 1.7 one."""
+    if config_version == 3:
+        return f"""
+[plugins.'io.containerd.cri.v1.images'.pinned_images]
+  sandbox = '{PAUSE}'
+[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.runc]
+  runtime_type = 'io.containerd.runc.v2'
+{install_guide_snippet("### containerd 2.x (`version = 3`)")}
+[plugins.'io.containerd.cri.v1.runtime'.cni]
+  bin_dirs = ['/usr/lib/cni']
+  conf_dir = '{base}/cni'
+"""
     return f"""
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "{PAUSE}"
   [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
     runtime_type = "io.containerd.runc.v2"
-  [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{HANDLER}]
-    runtime_type = "io.containerd.kata-py.v2"
+{install_guide_snippet("### containerd 1.7 (`version = 2`)")}
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "{base}/cni"
@@ -130,7 +153,11 @@ def cri_containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
         cli = [sys.executable, "-m", "shimv2.cli", "--config", str(config), "factory", "init"]
         subprocess.run(cli, check=True, cwd=ROOT, timeout=300)
         env = {"KATA_PY_CONFIG": str(config)}
-    cd = Containerd(binary, ctr_binary, base, version, cri_config(base), env, templated=templated)
+    config_version = 2 if version.startswith("1.") else 3
+    cd = Containerd(
+        binary, ctr_binary, base, version, cri_config(base, config_version), env,
+        templated=templated, config_version=config_version,
+    )  # fmt: skip
     cd.start()
     try:
         cd.import_image(IMAGE, namespace="k8s.io")
@@ -299,3 +326,13 @@ def test_the_handler_reports_what_kata_py_supports(cri: Cri) -> None:
     handlers = {h.get("name", ""): h.get("features", {}) for h in info["runtimeHandlers"]}
     # userNamespaces is false, so left out.
     assert handlers[HANDLER] == {"recursive_read_only_mounts": True}
+
+
+def test_a_host_network_pod_is_refused_with_the_reason(cri: Cri, tmp_path: Path) -> None:
+    """hostNetwork cannot apply to a pod in a VM (docs/differences.md): refused, nothing left."""
+    config = pod_config("kpy-hostnet", tmp_path)
+    config["linux"]["security_context"] = {"namespace_options": {"network": 2}}  # NODE
+    with pytest.raises(AssertionError, match="host networking is not supported"):
+        cri("runp", "--runtime", HANDLER, cri.write("pod", config))
+    assert json.loads(cri("pods", "-o", "json"))["items"] == []
+
