@@ -106,3 +106,20 @@ def test_the_report_counts_each_handler_and_lists_what_differs(
     # only a spec that the first handler passes and the second does not fails the run
     better = {"runc": results["kata-py"], "kata-py": results["runc"]}
     assert critest_run.report(better, tmp_path / "summary.txt") == 0
+
+
+def test_a_known_difference_is_reported_but_does_not_fail_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = next(iter(critest_run.KNOWN_DIFFERENCES))
+    runc = {name: critest_run.Spec("passed", "")}
+    kata = {name: critest_run.Spec("failed", "no way")}
+    assert critest_run.report({"runc": runc, "kata-py": kata}, tmp_path / "summary.txt") == 0
+    assert "known: docs/differences.md" in capsys.readouterr().out
+
+
+def test_every_known_difference_is_explained_in_the_docs() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "differences.md").read_text()
+    for name, title in critest_run.KNOWN_DIFFERENCES.items():
+        assert f"**{title}" in doc, title  # the section giving the reason
+        assert f"`{name.removeprefix('[k8s.io] ')}`" in doc, name  # the spec, by name
