@@ -335,4 +335,3 @@ def test_a_host_network_pod_is_refused_with_the_reason(cri: Cri, tmp_path: Path)
     with pytest.raises(AssertionError, match="host networking is not supported"):
         cri("runp", "--runtime", HANDLER, cri.write("pod", config))
     assert json.loads(cri("pods", "-o", "json"))["items"] == []
-
