@@ -106,9 +106,17 @@ class Sandbox:
     def spawn(self, fn: Callable[..., Awaitable[object]], *args: object) -> None:
         self._nursery.start_soon(fn, *args)
 
-    def save(self) -> None:
+    def save(self, *, teardown: bool = False) -> None:
+        """Persist the state. On ``teardown`` (what is being undone) a state that cannot
+        be written (a full disk) is logged, not an error: undoing must not need space,
+        and the last state written describes more than is left, which cleanup takes."""
         self.state.containers = {cid: c.state for cid, c in self.containers.items()}
-        self.store.save(self.state)
+        try:
+            self.store.save(self.state)
+        except Error as exc:
+            if not teardown:
+                raise
+            log.error("sandbox %s: %s", self.id, exc)
 
     def status(self) -> SandboxStatus:
         return SandboxStatus(
@@ -358,7 +366,7 @@ class Sandbox:
             with trio.CancelScope(shield=True):
                 await self.unmount_storage(container)
                 del self.containers[cid]
-                self.save()
+                self.save(teardown=True)
             raise
         cs.state = "created"
         self.save()
@@ -401,7 +409,7 @@ class Sandbox:
         async with container.lock:
             await container.delete()
             del self.containers[container.id]
-            self.save()
+            self.save(teardown=True)
         return container.status()
 
     # -- sandbox verbs -----------------------------------------------------------
@@ -455,7 +463,7 @@ class Sandbox:
         for c in self.containers.values():
             c.vm_lost()
         self.state.state = "stopped"
-        self.save()
+        self.save(teardown=True)
         if errors:
             log.warning("sandbox %s: forced stop despite %s", self.id, errors)
 
@@ -512,7 +520,7 @@ class Sandbox:
         await trio.to_thread.run_sync(network.detach, self.state.netns, tap)
         self.taps.remove(tap)
         self.state.taps.remove(f"{tap.index}:{tap.endpoint.name}")
-        self.save()
+        self.save(teardown=True)
 
     async def release_network(self) -> None:
         """Remove the taps and tc filters; from the state alone if needed."""
