@@ -48,7 +48,7 @@ from shimv2.vc.qemu_config import (
     image_mib,
 )
 from shimv2.vc.virtiofsd import start_virtiofsd
-from shimv2.vc.vsock import backend_argv_marker, resolve_channel, start_backend
+from shimv2.vc.vsock import backend_argv_marker, listening, resolve_channel, start_backend
 
 if TYPE_CHECKING:
     # QMP brings asyncio and qemu.qmp: imported when a VM is started or adopted, not
@@ -237,7 +237,9 @@ class Qemu:
     async def _connect_qmp(self) -> None:
         with trio.move_on_after(10):
             while not self._exited.is_set():
-                if self.qmp_path.exists():
+                # Listening, not only there: QEMU binds before it listens, and a
+                # connect in between is refused (seen once under load).
+                if listening(self.qmp_path):
                     assert self._qmp is not None
                     await self._qmp.connect(str(self.qmp_path))
                     return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import uuid
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.qemu import Qemu
 from shimv2.vc.qemu_config import QemuConfig
 from shimv2.vc.testing import FakeHybridBackend
-from shimv2.vc.vsock import default_backend, resolve_channel
+from shimv2.vc.vsock import default_backend, listening, resolve_channel
 from tests.leaks import vm_processes
 
 
@@ -169,3 +170,15 @@ def test_check_reports_the_channel(tmp_path: Path) -> None:
     ok, detail = {n: (o, d) for n, o, d in cli._checks(str(config))}["agent channel"]
     assert not ok
     assert detail.startswith("hybrid-vsock (/nonexistent)")
+
+
+def test_a_socket_bound_but_not_yet_listening_is_not_listening(tmp_path: Path) -> None:
+    # QEMU and the vsock backend bind, then listen: a connect in between is refused,
+    # so the shim waits for the listen (the QMP socket's race, seen once under load).
+    path = tmp_path / "qmp.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        assert path.exists()
+        assert not listening(path)
+        server.listen(1)
+        assert listening(path)
