@@ -31,6 +31,8 @@ DEFAULT_TIMEOUT = 60.0
 UNBOUNDED = frozenset({"WaitProcess", "GetOOMEvent", "ReadStdout", "ReadStderr"})
 MAX_ERROR_TEXT = 1024
 HANDSHAKE_TIMEOUT = 5.0
+DIAL_PAUSE = 0.05  # seconds between dials while the guest does not listen, doubling...
+MAX_DIAL_PAUSE = 0.8  # ...up to this
 MAX_HANDSHAKE_REPLY = 32  # "OK 4294967295\n" is 14
 
 T = TypeVar("T", bound=Message)
@@ -140,6 +142,7 @@ async def connect_agent(
     """
     deadline = trio.current_time() + ready_timeout
     last_error: Exception | None = None
+    pause = DIAL_PAUSE
     while True:
         try:
             stream = await _open_stream(endpoint)
@@ -147,7 +150,10 @@ async def connect_agent(
             last_error = exc
             if trio.current_time() > deadline:
                 raise Unavailable(f"agent not reachable at {endpoint}: {exc}") from exc
-            await trio.sleep(0.1)
+            # Backing off: each early dial costs the vsock backend a refused
+            # connection, and a backend that took many was seen to stop answering.
+            await trio.sleep(pause)
+            pause = min(pause * 2, MAX_DIAL_PAUSE)
             continue
         async with open_client(stream) as client:
             agent = AgentClient(client, timeout=timeout)
