@@ -29,7 +29,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -45,11 +44,11 @@ from density import HEADS, KINDS, runtime_kinds
 
 from tests.e2e.conftest import IMAGE
 from tests.e2e.test_cri import (
-    BRIDGE,
     PAUSE,
     PAUSE_ENTRYPOINT,
     cni_conflist,
     cri_config,
+    remove_cri_containerd,
 )
 from tests.e2e.test_parallel import AtOnce, PatientCri, cri_at_once, ctr_at_once
 
@@ -81,11 +80,7 @@ def cri_containerd(
         cd.import_image(PAUSE, PAUSE_ENTRYPOINT, namespace="k8s.io")
         yield cd
     finally:
-        cd.stop()
-        subprocess.run(["umount", "-R", str(base / "root")], check=False, capture_output=True)
-        subprocess.run(["ip", "link", "del", BRIDGE], check=False, capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
-        shutil.rmtree(f"/var/lib/cni/networks/{cni_conflist()['name']}", ignore_errors=True)
+        remove_cri_containerd(cd, base)
 
 
 def evidence(cd: Containerd, run: AtOnce, state_dir: Path) -> None:

@@ -30,7 +30,7 @@ from tests.e2e.conftest import (
     shim_pids,
     shim_sockets,
 )
-from tests.e2e.test_ctr import pod_cgroups
+from tests.e2e.test_ctr import pod_cgroups, task_status
 from tests.leaks import cgroup_dirs, vm_processes
 
 STATE = Path("/run/kata-py")
@@ -58,14 +58,6 @@ def vm_pid(name: str, program: str) -> int:
         found = [p for p in found if "qemu-system" not in p]
     assert len(found) == 1, (program, found)
     return int(found[0].split(":")[0])
-
-
-def task_status(cd: Containerd, name: str) -> str:
-    for line in cd.ctr("task", "ls").stdout.splitlines()[1:]:
-        fields = line.split()
-        if fields and fields[0] == name:
-            return fields[-1]
-    return "MISSING"
 
 
 class Stream:

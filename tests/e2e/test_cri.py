@@ -164,12 +164,17 @@ def cri_containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
         cd.import_image(PAUSE, PAUSE_ENTRYPOINT, namespace="k8s.io")
         yield cd
     finally:
-        cd.stop()
-        subprocess.run(["umount", "-R", str(base / "root")], check=False, capture_output=True)
-        subprocess.run(["ip", "link", "del", BRIDGE], check=False, capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        remove_cri_containerd(cd, base)
         shutil.rmtree(shm, ignore_errors=True)
-        shutil.rmtree(f"/var/lib/cni/networks/{cni_conflist()['name']}", ignore_errors=True)
+
+
+def remove_cri_containerd(cd: Containerd, base: Path) -> None:
+    """Stop a CRI containerd and remove its root, its CNI bridge and IP leases."""
+    cd.stop()
+    subprocess.run(["umount", "-R", str(base / "root")], check=False, capture_output=True)
+    subprocess.run(["ip", "link", "del", BRIDGE], check=False, capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+    shutil.rmtree(f"/var/lib/cni/networks/{cni_conflist()['name']}", ignore_errors=True)
 
 
 @pytest.fixture

@@ -44,11 +44,10 @@ from tests.e2e.faults import (
     fill,
     remove,
     shim_of,
-    task_status,
     vm_pid,
     wait_gone,
 )
-from tests.e2e.test_ctr import cid, pod_cgroups
+from tests.e2e.test_ctr import cid, pod_cgroups, task_status
 from tests.leaks import cgroup_dirs, vm_processes
 
 pytestmark = pytest.mark.vm
