@@ -143,6 +143,14 @@ async def connect_agent(
     deadline = trio.current_time() + ready_timeout
     last_error: Exception | None = None
     pause = DIAL_PAUSE
+    if endpoint.ready is not None:
+        with trio.move_on_at(deadline):
+            await endpoint.ready()
+        if trio.current_time() >= deadline:
+            raise Unavailable(
+                f"agent not reachable at {endpoint}: its channel was not ready "
+                f"within {ready_timeout:g}s"
+            )
     while True:
         try:
             stream = await _open_stream(endpoint)

@@ -7,7 +7,8 @@ Like nerdbox's ``vm.Instance``: configure, ``start``, reach the agent,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import trio
@@ -22,6 +23,9 @@ class AgentEndpoint:
     vsock_cid: int | None = None
     vsock_port: int = 1024
     hybrid_path: str | None = None
+    # Awaited before the first dial, when the transport must not be dialled
+    # earlier (hybrid vsock: until the guest has started the device).
+    ready: Callable[[], Awaitable[None]] | None = field(default=None, compare=False, repr=False)
 
 
 class Hypervisor(Protocol):

@@ -32,6 +32,9 @@ VHOST_VSOCK = "/dev/vhost-vsock"
 # Each VM has its own backend, so every guest may have the same CID.
 HYBRID_GUEST_CID = 3
 LISTEN_TIMEOUT = 5.0  # seconds for a backend to listen (~10 ms measured)
+# Polling QEMU for a started vsock device before the first hybrid dial (qemu.py).
+VSOCK_START_POLL = 0.05
+VSOCK_START_GRACE = 0.1
 _UNIX_LISTENING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's flags
 
 

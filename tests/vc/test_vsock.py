@@ -120,10 +120,40 @@ async def test_connect_agent_retries_until_the_guest_listens(
     assert len(backend.requests) >= 2  # it kept asking
 
 
+async def test_no_dial_before_the_channel_is_ready(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """The endpoint's ``ready`` gates the first dial (a vsock backend must not be
+    dialled while the guest starts its device), within the same deadline."""
+    backend = FakeHybridBackend(tmp_path / "gated.sock", reply=None)
+    await nursery.start(backend.serve)
+    opened = trio.Event()
+    seen_before: list[int] = []
+
+    async def ready() -> None:
+        await opened.wait()
+        seen_before.append(len(backend.requests))
+
+    endpoint = AgentEndpoint(hybrid_path=str(backend.path), ready=ready)
+    with pytest.raises(Unavailable, match=r"channel was not ready within 0\.3s"):
+        async with connect_agent(endpoint, ready_timeout=0.3):
+            pass
+    assert backend.requests == []  # never dialled while not ready
+
+    async def open_soon() -> None:
+        await trio.sleep(0.2)
+        opened.set()
+
+    nursery.start_soon(open_soon)
+    with pytest.raises(Unavailable, match="agent not reachable"):
+        async with connect_agent(endpoint, ready_timeout=0.8):
+            pass
+    assert seen_before == [0]
+    assert len(backend.requests) >= 1  # dialled once ready
+
+
 @pytest.mark.vm
 @pytest.mark.parametrize("channel", ["hybrid-vsock", "serial"])
 async def test_a_vm_on_each_channel_answers_and_leaves_nothing(
-    tmp_path: Path, nursery: trio.Nursery, channel: str
+    tmp_path: Path, nursery: trio.Nursery, channel: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     assert default_backend(), "vhost-device-vsock is missing: run scripts/setup"
     vm = _qemu(tmp_path, agent_channel=channel)
@@ -134,9 +164,17 @@ async def test_a_vm_on_each_channel_answers_and_leaves_nothing(
             assert await agent.check(timeout=10)
         if channel == "hybrid-vsock":
             assert vm.vsock_backend_pid is not None
-            assert vm.agent_endpoint().hybrid_path == str(vm.hybrid_vsock_path)
+            endpoint = vm.agent_endpoint()
+            assert endpoint.hybrid_path == str(vm.hybrid_vsock_path)
+            # The dial waited for QEMU to say the device is started, found by QMP
+            # (not the fallback for a QEMU that cannot tell).
+            assert endpoint.ready is not None
+            with trio.fail_after(5):
+                await endpoint.ready()
+            assert "cannot tell when vsock is started" not in caplog.text
         else:
             assert vm.vsock_backend_pid is None
+            assert vm.agent_endpoint().ready is None
     finally:
         await vm.shutdown()
     assert vm_processes(vm.vm_id) == []
