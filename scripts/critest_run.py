@@ -478,9 +478,6 @@ KNOWN_DIFFERENCES = {
         "Host IPC",
     "[k8s.io] Security Context NamespaceOption runtime should support HostNetwork is true":
         "Host network",
-    "[k8s.io] Security Context NamespaceOption runtime should support HostPID": "Host PID",
-    "[k8s.io] Security Context NamespaceOption runtime should support PodPID":
-        "PID namespace shared by the pod",
     "[k8s.io] Streaming runtime should support streaming interfaces runtime should support "
     "portforward [Conformance]": "Port-forward",
     "[k8s.io] Streaming runtime should support streaming interfaces runtime should support "

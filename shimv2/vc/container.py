@@ -417,8 +417,12 @@ def guest_spec(spec: Mapping[str, Any], cid: str) -> oci_pb2.Spec:
     linux = dict(adjusted.get("linux") or {})
     # The pod's network namespace lives on the host; inside the VM the
     # container shares the guest's network (Kata drops the netns path too).
-    linux["namespaces"] = [ns for ns in linux.get("namespaces", []) if ns.get("type") != "network"]
-    for ns in linux["namespaces"]:
-        ns.pop("path", None)
+    # New dicts without the host's paths: the caller's spec is left as it was
+    # (``joins_pod_pid_namespace`` reads those paths after this).
+    linux["namespaces"] = [
+        {k: v for k, v in ns.items() if k != "path"}
+        for ns in linux.get("namespaces", [])
+        if ns.get("type") != "network"
+    ]
     adjusted["linux"] = linux
     return spec_from_json(adjusted)

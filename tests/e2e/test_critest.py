@@ -41,6 +41,8 @@ SPECS = (
     "Image Consistency should not list or get image status immediately after removal",
     "Image Volume \\[Feature:ImageVolume\\] should correctly mount image and enforce read-only",
     "Security Context NamespaceOption runtime should support HostIpc is false",
+    # The app joins the pause container's PID namespace in the guest (shareProcessNamespace).
+    "Security Context NamespaceOption runtime should support PodPID",
     "Streaming runtime should support streaming interfaces runtime should support exec with "
     "tty=false and stdin=false",
 )

@@ -295,3 +295,33 @@ def test_fuzz_verbs_end_in_a_checked_result_or_a_bounded_coded_error(
     event(f"{verb}: {type(result).__name__}")
     if isinstance(result, Error):
         assert len(result.message) <= MAX_ERROR_TEXT + 200
+
+
+def test_the_guest_spec_leaves_the_host_spec_whole_for_the_pid_namespace_check() -> None:
+    from shimv2.vc.container import guest_spec, joins_pod_pid_namespace
+
+    spec: dict[str, Any] = {
+        "process": PROCESS,
+        "root": {"path": "/host/rootfs"},
+        "annotations": {"io.kubernetes.cri.container-type": "container"},
+        "linux": {
+            "namespaces": [
+                {"type": "pid", "path": "/proc/42/ns/pid"},
+                {"type": "ipc", "path": "/proc/42/ns/ipc"},
+                {"type": "network", "path": "/var/run/netns/cni-1"},
+                {"type": "mount"},
+            ]
+        },
+    }
+    before = json.dumps(spec, sort_keys=True)
+    guest = guest_spec(spec, "c1")
+    # The guest gets no host path and no network namespace...
+    assert [(ns.Type, ns.Path) for ns in guest.Linux.Namespaces] == [
+        ("pid", ""),
+        ("ipc", ""),
+        ("mount", ""),
+    ]
+    # ...and the host's spec, read after, still says the pod's PID namespace is joined
+    # (it did not: critest's PodPID spec saw the app as PID 1).
+    assert json.dumps(spec, sort_keys=True) == before
+    assert joins_pod_pid_namespace(spec)
