@@ -696,4 +696,12 @@ def _cmdline(pid: int) -> str:
             raw = f.read(4096)
     except OSError:
         return "?"
-    return raw.replace(b"\0", b" ").decode(errors="replace").strip()
+    args = raw.replace(b"\0", b" ").decode(errors="replace").strip()
+    if args:
+        return args
+    # No arguments (a zombie, or a process caught in execve): its name, as ps shows it.
+    try:
+        with open(f"/proc/{pid}/comm", "rb") as f:
+            return f"[{f.read(64).decode(errors='replace').strip()}]"
+    except OSError:
+        return "?"

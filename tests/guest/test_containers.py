@@ -12,6 +12,9 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -646,3 +649,18 @@ def test_fuzz_cgroup_dir_stays_under_the_root(path: str) -> None:
     assert got.startswith("/cg/")
     assert os.path.normpath(got) == got
     assert "\0" not in got
+
+
+def test_a_process_without_arguments_is_listed_by_its_name() -> None:
+    from shimv2.guest.containers import _cmdline
+
+    zombie = subprocess.Popen(["sleep", "0"])
+    try:
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{zombie.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.01)  # not reaped: a zombie, whose cmdline is empty
+        assert _cmdline(zombie.pid) == "[sleep]"
+    finally:
+        zombie.wait()
+    assert sys.executable in _cmdline(os.getpid())
+    assert _cmdline(2**22 + 1) == "?"
