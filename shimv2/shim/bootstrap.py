@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 
 SOCKET_ROOT = "/run/containerd/s"
 ADDRESS_FILE = "address"
+# The configuration file CRI's runtime options named at start: ``delete`` runs
+# without those options, and must clean up with the same state directory.
+CONFIG_PATH_FILE = "kata-py-config-path"
 CONTAINER_TYPE = "io.kubernetes.cri.container-type"
 SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 TASK_API_VERSION = 3
@@ -199,11 +202,23 @@ def listen(path: str) -> socket.socket | None:
 
 def write_address(bundle: str, address: str) -> None:
     """``<bundle>/address``, atomically: containerd 1.6/1.7 reconnect from it."""
-    target = os.path.join(bundle, ADDRESS_FILE)
+    _write_atomically(os.path.join(bundle, ADDRESS_FILE), address)
+
+
+def _write_atomically(target: str, text: str) -> None:
     tmp = target + ".tmp"
     with open(tmp, "w") as f:
-        f.write(address)
+        f.write(text)
     os.replace(tmp, target)
+
+
+def read_config_path(bundle: str) -> str | None:
+    """The configuration file ``start`` was given for this bundle, if any."""
+    try:
+        with open(os.path.join(bundle, CONFIG_PATH_FILE)) as f:
+            return f.read(4096).strip() or None
+    except OSError:
+        return None
 
 
 def containerd_version(binary: str, timeout: float = VERSION_TIMEOUT) -> tuple[int, int] | None:
@@ -336,6 +351,7 @@ def start(
         config_path = config_path_from(given.options)
         if config_path:
             child_env[CONFIG_ENV] = config_path
+            _write_atomically(os.path.join(bundle, CONFIG_PATH_FILE), config_path)
         if flags.ttrpc_address:
             child_env.setdefault("TTRPC_ADDRESS", flags.ttrpc_address)
         try:

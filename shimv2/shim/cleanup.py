@@ -24,7 +24,13 @@ import trio
 
 from shimv2.errdefs import Error
 from shimv2.pb.containerd.runtime.task.v2.shim_pb2 import DeleteResponse
-from shimv2.shim.bootstrap import SANDBOX_ID, can_connect, read_annotations, socket_path
+from shimv2.shim.bootstrap import (
+    SANDBOX_ID,
+    can_connect,
+    read_annotations,
+    read_config_path,
+    socket_path,
+)
 from shimv2.shim.flags import Flags
 from shimv2.shim.metrics import monitor_socket
 from shimv2.vc.config import Config, load_config
@@ -118,7 +124,8 @@ async def clean(flags: Flags, bundle: str, config: Config | None = None) -> None
     async with trio.open_nursery() as nursery:
         state_dir = None
         try:
-            config = config or load_config()
+            # The file CRI's options named at start, recorded in the bundle; else the default.
+            config = config or load_config(read_config_path(bundle))
             state_dir = config.runtime.state_dir
             store = Store(state_dir)
             if sid not in store.list():

@@ -239,6 +239,24 @@ def test_containerd_2_gets_json_v3(env: Env) -> None:
     stop_daemon(env, "c1")
 
 
+def test_start_records_the_configuration_file_cri_named_for_delete(env: Env) -> None:
+    config = env.root / "pod.toml"
+    config.write_text("")
+    env.bundle("c1")
+    # runtimeoptions.v1.Options field 2 (config_path), as CRI sends a runtime's ConfigPath.
+    path = str(config).encode()
+    options = Any(type_url="runtimeoptions.v1.Options", value=b"\x12" + bytes([len(path)]) + path)
+    out = env.start("c1", stdin=options.SerializeToString())
+    assert (out.returncode, out.stderr) == (0, b"")
+    assert bootstrap.read_config_path(str(env.root / "c1")) == str(config)
+    [pid] = processes(env.address)
+    daemon_env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert f"KATA_PY_CONFIG={config}".encode() in daemon_env
+    stop_daemon(env, "c1")
+    env.bundle("c2")  # no options: nothing recorded
+    assert bootstrap.read_config_path(str(env.root / "c2")) is None
+
+
 def test_start_error_is_one_line_on_stderr(env: Env) -> None:
     bundle = env.bundle("c1")
     (bundle / "config.json").write_text("{not json")

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from shimv2.pb.containerd.runtime.task.v2.shim_pb2 import DeleteResponse
-from shimv2.shim.bootstrap import socket_path
+from shimv2.shim.bootstrap import CONFIG_PATH_FILE, socket_path
 from shimv2.shim.cleanup import clean
 from shimv2.shim.flags import Flags
 from shimv2.shim.metrics import monitor_socket
@@ -94,6 +94,28 @@ def test_delete_removes_a_dead_shims_sockets_and_keeps_a_live_one(tmp_path: Path
         for path in (*dead_paths, live_path):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+
+def test_delete_uses_the_configuration_file_start_recorded(tmp_path: Path) -> None:
+    """CRI's ConfigPath reaches ``start`` only; ``delete`` reads it from the bundle,
+    so a pod's state directory from that file is cleaned, not the default's."""
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    state_dir = tmp_path / "pod-state"
+    config = tmp_path / "pod.toml"
+    config.write_text(f'[runtime]\nstate_dir = "{state_dir}"\n')
+    (bundle / CONFIG_PATH_FILE).write_text(str(config))
+    dead_path = monitor_socket(str(state_dir), "dead")
+    os.makedirs(os.path.dirname(dead_path), exist_ok=True)
+    dead = socket.socket(socket.AF_UNIX)
+    dead.bind(dead_path)
+    dead.close()
+    argv = [SHIM, "-namespace", "default", "-address", str(tmp_path / "cd.sock")]
+    argv += ["-publish-binary", "/usr/bin/containerd", "-id", "dead", "-bundle", str(bundle)]
+    env = {k: v for k, v in os.environ.items() if k != "KATA_PY_CONFIG"}
+    out = subprocess.run([*argv, "delete"], cwd=bundle, capture_output=True, env=env, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert not os.path.exists(dead_path)
 
 
 def test_delete_with_nothing_to_clean(tmp_path: Path) -> None:
