@@ -8,7 +8,7 @@ pod again (tasks, shims, VM processes, state directories, mounts, sockets).
 Pods are cloned from a template (``--cold`` boots them instead). Prints the
 long-lived shim's fds and RSS over the cycles, and the cycle times.
 
-    bench/soak.py [--cycles 1000] [--pods 2] [--cold]
+    bench/soak.py [--cycles 1000] [--pods 2] [--cold] [--minutes M]
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ def main() -> int:
     parser.add_argument("--cycles", type=int, default=1000)
     parser.add_argument("--pods", type=int, default=2)
     parser.add_argument("--cold", action="store_true", help="boot pods instead of cloning")
+    parser.add_argument(
+        "--minutes", type=float, default=0.0, help="stop after this long, if earlier (0: never)"
+    )
     parser.add_argument("--containerd", default="/usr/bin/containerd")
     parser.add_argument("--ctr", default="/usr/bin/ctr")
     args = parser.parse_args()
@@ -53,6 +56,9 @@ def main() -> int:
                 t0 = time.monotonic()
                 try:
                     for n in range(args.cycles):
+                        if args.minutes and time.monotonic() - t0 > args.minutes * 60:
+                            print(f"stopping after {n} cycles: --minutes {args.minutes:g}")
+                            break
                         sample = soak.cycle(n)
                         if sample.counts != baseline:
                             failures.append(f"cycle {n}: {sample.counts}")
