@@ -49,12 +49,12 @@ from shimv2.vc.qemu_config import (
 )
 from shimv2.vc.virtiofsd import start_virtiofsd
 from shimv2.vc.vsock import (
-    VSOCK_START_GRACE,
     VSOCK_START_POLL,
     backend_argv_marker,
     listening,
     resolve_channel,
     start_backend,
+    vsock_start_grace,
 )
 
 if TYPE_CHECKING:
@@ -176,8 +176,10 @@ class Qemu:
         error ends vhost-user-backend's worker loop for good, so every later
         ``CONNECT`` goes unanswered (1 boot in 3 with dials every 5 ms, here).
         QEMU's ``vhost-started`` is set under the lock QMP runs under, after the
-        start messages are sent; a short grace covers the backend reading the
-        last of them. A QEMU without ``x-query-virtio`` is not waited for.
+        start messages are sent; a grace covers the backend reading the last of
+        them. The backend runs on CPUs as busy as QEMU's, so the grace grows with
+        how slowly QEMU answered (one clone in 20 started at once still wedged
+        with a fixed 0.1 s). A QEMU without ``x-query-virtio`` is not waited for.
         """
         qmp = self.qmp
         path = None
@@ -188,9 +190,10 @@ class Qemu:
                     names = ("vhost-vsock", "vhost-user-vsock")
                     path = next((d["path"] for d in devices if d.get("name") in names), None)
                 if path is not None:
+                    asked = trio.current_time()
                     status = await qmp.execute("x-query-virtio-status", {"path": path})
                     if status.get("vhost-started"):
-                        await trio.sleep(VSOCK_START_GRACE)
+                        await trio.sleep(vsock_start_grace(trio.current_time() - asked))
                         return
                 await trio.sleep(VSOCK_START_POLL)
         except FailedPrecondition as exc:  # the command is missing (QEMU < 7.2)

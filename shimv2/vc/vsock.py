@@ -32,9 +32,11 @@ VHOST_VSOCK = "/dev/vhost-vsock"
 # Each VM has its own backend, so every guest may have the same CID.
 HYBRID_GUEST_CID = 3
 LISTEN_TIMEOUT = 5.0  # seconds for a backend to listen (~10 ms measured)
-# Polling QEMU for a started vsock device before the first hybrid dial (qemu.py).
+# Polling QEMU for a started vsock device before the first hybrid dial (qemu.py),
+# then a grace of at least GRACE, 10 QMP round trips, at most GRACE_MAX seconds.
 VSOCK_START_POLL = 0.05
 VSOCK_START_GRACE = 0.1
+VSOCK_START_GRACE_MAX = 2.0
 _UNIX_LISTENING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's flags
 
 
@@ -55,6 +57,12 @@ def resolve_channel(requested: str, backend: str, vhost_vsock: str = VHOST_VSOCK
     if backend and os.access(backend, os.X_OK):
         return "hybrid-vsock"
     return "serial"
+
+
+def vsock_start_grace(qmp_round_trip: float) -> float:
+    """Seconds to let a vsock backend take in its device's start after QEMU said it
+    started, given how long QEMU took to answer: the busier the host, the longer."""
+    return min(VSOCK_START_GRACE_MAX, max(VSOCK_START_GRACE, 10 * qmp_round_trip))
 
 
 def listening(path: Path) -> bool:

@@ -18,7 +18,7 @@ from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.qemu import Qemu
 from shimv2.vc.qemu_config import QemuConfig
 from shimv2.vc.testing import FakeHybridBackend
-from shimv2.vc.vsock import default_backend, listening, resolve_channel
+from shimv2.vc.vsock import default_backend, listening, resolve_channel, vsock_start_grace
 from tests.leaks import vm_processes
 
 
@@ -220,3 +220,9 @@ def test_a_socket_bound_but_not_yet_listening_is_not_listening(tmp_path: Path) -
         assert not listening(path)
         server.listen(1)
         assert listening(path)
+
+
+def test_the_start_grace_grows_with_a_busy_host_within_bounds() -> None:
+    assert vsock_start_grace(0.001) == 0.1  # an idle host: the floor
+    assert vsock_start_grace(0.05) == pytest.approx(0.5)  # QEMU slow to answer: longer
+    assert vsock_start_grace(5.0) == 2.0  # never unbounded
