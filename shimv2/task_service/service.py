@@ -36,6 +36,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from shimv2.errdefs import (
     AlreadyExists,
+    DeadlineExceeded,
     Error,
     FailedPrecondition,
     InvalidArgument,
@@ -215,6 +216,10 @@ class TaskService:
         self._tasks: dict[str, Task] = {}
         self._creating: set[str] = set()
         self._orphaned: set[str] = set()  # sandboxes whose owning container was deleted
+        # Deletes going on past their callers' deadlines: Shutdown waits for them.
+        self._deleting = 0
+        self._no_deletes = trio.Event()
+        self._no_deletes.set()
         self._nursery: trio.Nursery | None = None
 
     # -- wiring --------------------------------------------------------------------
@@ -460,22 +465,24 @@ class TaskService:
         proc = task.init
         async with proc.lock:
             proc.check(Verb.DELETE)
-            if proc.state is State.CREATED:
-                stopped = await self._vc.stop_container(task.sandbox_id, task.id)
-                status = 137 if stopped.exit_status is None else stopped.exit_status
-                proc.record_exit(status)
-            await self._vc.delete_container(task.sandbox_id, task.id)
-            for ex in list(task.execs.values()):
-                await ex.io.aclose()
-                ex.exited.set()
-            await proc.io.aclose()
-            proc.transition(Verb.DELETE)
-            proc.exited.set()
-            if self._tasks.get(task.id) is task:
-                del self._tasks[task.id]
-            if task.owns_sandbox:
-                self._orphaned.add(task.sandbox_id)
-            await self._reap_sandbox(task.sandbox_id)
+            # Once begun, a delete runs to its end, bounded, whatever the caller's
+            # deadline: cut short, it left a VM stopped but its sandbox (state, shim)
+            # behind for good (20 pods stopping at once through containerd 1.6's 10 s).
+            # containerd's retry then finds the task gone, and shuts the shim down.
+            if self._deleting == 0:
+                self._no_deletes = trio.Event()
+            self._deleting += 1
+            try:
+                with trio.CancelScope(shield=True), trio.fail_after(TEARDOWN_TIMEOUT):
+                    await self._delete_init_locked(task)
+            except trio.TooSlowError:
+                raise DeadlineExceeded(
+                    f"task {task.id}: delete took over {TEARDOWN_TIMEOUT:g}s"
+                ) from None
+            finally:
+                self._deleting -= 1
+                if self._deleting == 0:
+                    self._no_deletes.set()
         self._publish(
             "/tasks/delete",
             events.TaskDelete(
@@ -486,15 +493,39 @@ class TaskService:
             ),
         )
 
+    async def _delete_init_locked(self, task: Task) -> None:
+        """The delete itself, under the init's lock and shielded (``_delete_init``)."""
+        proc = task.init
+        if proc.state is State.CREATED:
+            stopped = await self._vc.stop_container(task.sandbox_id, task.id)
+            status = 137 if stopped.exit_status is None else stopped.exit_status
+            proc.record_exit(status)
+        await self._vc.delete_container(task.sandbox_id, task.id)
+        for ex in list(task.execs.values()):
+            await ex.io.aclose()
+            ex.exited.set()
+        await proc.io.aclose()
+        proc.transition(Verb.DELETE)
+        proc.exited.set()
+        if self._tasks.get(task.id) is task:
+            del self._tasks[task.id]
+        if task.owns_sandbox:
+            self._orphaned.add(task.sandbox_id)
+        await self._reap_sandbox(task.sandbox_id)
+
     async def _reap_sandbox(self, sid: str) -> None:
         """Stop and delete a sandbox whose own container is gone, once it is empty."""
         if sid not in self._orphaned:
             return
         if any(t.sandbox_id == sid for t in self._tasks.values()) or sid in self._creating:
             return
-        self._orphaned.discard(sid)
-        await self._vc.stop_sandbox(sid, True)
-        await self._vc.delete_sandbox(sid)
+        self._orphaned.discard(sid)  # first: one reaper, however many deletes race
+        try:
+            await self._vc.stop_sandbox(sid, True)
+            await self._vc.delete_sandbox(sid)
+        except BaseException:
+            self._orphaned.add(sid)  # a teardown that failed is tried again at Shutdown
+            raise
 
     # -- queries and controls ----------------------------------------------------------
 
@@ -585,9 +616,13 @@ class TaskService:
         raise Unimplemented("checkpoint is not supported: kata-py cannot checkpoint a VM's task")
 
     async def Shutdown(self, ctx: CallContext, req: shim_v2.ShutdownRequest) -> Empty:
+        # containerd's retry of a delete that outlived its deadline finds the task
+        # gone and asks for this: the delete's own teardown finishes first.
+        with trio.move_on_after(TEARDOWN_TIMEOUT):
+            await self._no_deletes.wait()
         if self._tasks and not req.now:
             return Empty()
-        if req.now:
+        if req.now or self._orphaned:  # orphaned: a sandbox whose teardown failed
             await self._teardown_all()
         self._shutdown.request()
         return Empty()

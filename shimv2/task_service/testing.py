@@ -18,7 +18,13 @@ from typing import Any
 import trio
 from google.protobuf.message import Message
 
-from shimv2.errdefs import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from shimv2.errdefs import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from shimv2.pb.kata import agent_pb2
 from shimv2.vc.container import ContainerConfig, ContainerStatus
 from shimv2.vc.sandbox import SandboxConfig, SandboxStatus
@@ -254,6 +260,8 @@ class FakeVirtContainers:
         self.stats_response = agent_pb2.StatsContainerResponse()
         self.pids: list[int] = [1, 7]
         self.process_list: bytes | None = None  # what the guest answers, if not ``pids``
+        self.stop_delay = 0.0  # seconds a stop_sandbox takes (a VM slow to go)
+        self.stop_failures = 0  # how many stop_sandbox calls fail first
 
     def program(self, cid: str, exec_id: str = "") -> Program:
         """What ``cid``'s init (or exec) runs; default: until signalled."""
@@ -293,6 +301,10 @@ class FakeVirtContainers:
 
     async def stop_sandbox(self, sid: str, force: bool = False) -> FakeSandbox:
         await self._verb("stop_sandbox", sid)
+        await trio.sleep(self.stop_delay)
+        if self.stop_failures > 0:
+            self.stop_failures -= 1
+            raise Unavailable(f"sandbox {sid}: stop failed")
         sandbox = self._sandbox(sid)
         for c in sandbox.containers.values():
             c.init.signal(signals.SIGKILL)

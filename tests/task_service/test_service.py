@@ -22,10 +22,12 @@ from hypothesis import strategies as st
 from shimv2.errdefs import (
     AlreadyExists,
     Code,
+    DeadlineExceeded,
     FailedPrecondition,
     Internal,
     InvalidArgument,
     NotFound,
+    Unavailable,
     Unimplemented,
 )
 from shimv2.pb.cgroups.v1 import metrics_pb2 as v1
@@ -435,6 +437,46 @@ async def test_delete_created_task(h: Harness) -> None:
     assert deleted.exit_status == 137
     assert h.events.topics() == ["/tasks/create", "/tasks/delete"]
     assert ("stop_container", "c1", "c1") in h.vc.calls
+
+
+async def test_a_delete_past_its_deadline_still_takes_the_pod_down(h: Harness) -> None:
+    """containerd 1.6 gives a sandbox's exit 10 s; 20 pods stopping at once here took
+    longer. The shim must not stop half-way (QEMU gone, its sandbox kept, the shim
+    alive for good): the delete finishes, and containerd's retry finds it done."""
+    h.vc.programs["p1", ""] = Program(exit_code=0)
+    await h.create("p1")
+    await h("Start", id="p1")
+    await h("Wait", id="p1")
+    h.vc.stop_delay = 0.5
+    name = f"containerd.task.{h.version}.Task"
+    pb = shim_v2 if h.version == "v2" else shim_v3
+    with pytest.raises(DeadlineExceeded):
+        await h.client.call(
+            name, "Delete", pb.DeleteRequest(id="p1"), pb.DeleteResponse, timeout=0.1
+        )
+    # containerd's retry finds the task gone, and asks the shim to shut down: it does
+    # once the first delete, which went on, has taken the sandbox down.
+    with pytest.raises(NotFound):
+        await h("Delete", id="p1")
+    with trio.fail_after(5):
+        await h("Shutdown", id="p1")
+    assert h.vc.sandboxes == {}
+    assert [c[0] for c in h.vc.calls][-2:] == ["stop_sandbox", "delete_sandbox"]
+    assert h.shutdown.requested()
+
+
+async def test_a_sandbox_whose_teardown_failed_is_taken_down_at_shutdown(h: Harness) -> None:
+    h.vc.programs["p1", ""] = Program(exit_code=0)
+    await h.create("p1")
+    await h("Start", id="p1")
+    await h("Wait", id="p1")
+    h.vc.stop_failures = 1
+    with pytest.raises(Unavailable, match="stop failed"):
+        await h("Delete", id="p1")
+    assert "p1" in h.vc.sandboxes
+    await h("Shutdown", id="p1")  # no task left: the sandbox is tried again, then the shim goes
+    assert h.vc.sandboxes == {}
+    assert h.shutdown.requested()
 
 
 async def test_delete_running_task_refused(h: Harness) -> None:
