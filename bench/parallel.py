@@ -17,7 +17,9 @@ timeout, and each log and exec output must be exactly its own token (no crossed
 streams): ``tests/e2e/test_parallel.py`` does the work, and checks a few pods in
 CI. Reports the time until the last pod was ready and the ratio to runc; for a
 failed pod, containerd's log lines about it (with the shim's, which containerd
-copies there) and the tail of its VM console, on stderr.
+copies there) and the tail of its VM console, on stderr. Once the pods are
+removed, any kata-py shim, VM process or sandbox state still there after a
+minute is listed, and fails the run as a failed pod does.
 
     bench/parallel.py [--pods 20] [--via ctr,cri] [--kinds cold,runc] [--config FILE]
                       [--containerd … --ctr …] [--cri-timeout 120] [--json]
@@ -33,6 +35,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -42,7 +45,7 @@ from pathlib import Path
 from _common import Containerd, private_containerd
 from density import HEADS, KINDS, runtime_kinds
 
-from tests.e2e.conftest import IMAGE
+from tests.e2e.conftest import IMAGE, shim_pids
 from tests.e2e.test_cri import (
     PAUSE,
     PAUSE_ENTRYPOINT,
@@ -51,8 +54,11 @@ from tests.e2e.test_cri import (
     remove_cri_containerd,
 )
 from tests.e2e.test_parallel import AtOnce, PatientCri, cri_at_once, ctr_at_once
+from tests.leaks import vm_processes
 
 READY_TIMEOUT = 900.0  # seconds for a `ctr` call or a pod's first output: the bound of a run
+LEFT_TIMEOUT = 60.0  # seconds for the last shim and VM to go once every pod is removed
+SANDBOXES = Path("/run/kata-py/sbs")
 
 
 @contextlib.contextmanager
@@ -104,23 +110,43 @@ def evidence(cd: Containerd, run: AtOnce, state_dir: Path) -> None:
         print("\n".join(f"containerd: {ln[:400]}" for ln in odd[-60:]), file=sys.stderr)
 
 
+def kata_py_left() -> list[str]:
+    """kata-py shims, VM processes and sandbox states on the host."""
+    sandboxes = sorted(os.listdir(SANDBOXES)) if SANDBOXES.exists() else []
+    return [
+        *(f"shim {pid}" for pid in shim_pids()),
+        *vm_processes("kata-py-"),
+        *(f"sandbox {sid}" for sid in sandboxes),
+    ]
+
+
+def left_after(before: list[str], timeout: float = LEFT_TIMEOUT) -> list[str]:
+    """What a run left beyond ``before``, once given ``timeout`` to go."""
+    deadline = time.monotonic() + timeout
+    while (left := sorted(set(kata_py_left()) - set(before))) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
 @dataclass
 class Summary:
     last_ready: float  # seconds from the start of all until the last pod printed its token
     median_ready: float
     ready: int
     failures: list[str]
+    left: list[str]  # shims, VM processes and sandboxes still there after the pods' removal
 
     @classmethod
-    def of(cls, run: AtOnce) -> Summary:
+    def of(cls, run: AtOnce, left: list[str]) -> Summary:
         ready = [p.ready for p in run.pods if p.ready is not None]
         median = statistics.median(ready) if ready else float("nan")
-        return cls(run.last_ready, median, len(ready), run.failures())
+        return cls(run.last_ready, median, len(ready), run.failures(), left)
 
 
 def at_once(via: str, cd: Containerd, kind: str, runtime: str, args: argparse.Namespace) -> Summary:
     """``--pods`` pods of one kind at once, one way; the failures' evidence on stderr."""
     print(f"parallel: {args.pods} {kind} pods via {via}", file=sys.stderr, flush=True)
+    before = kata_py_left()
     with tempfile.TemporaryDirectory(prefix="kpy-parallel-") as tmp:
         if via == "ctr":
             pods = ctr_at_once(cd, runtime, args.pods, Path(tmp), READY_TIMEOUT)
@@ -130,7 +156,11 @@ def at_once(via: str, cd: Containerd, kind: str, runtime: str, args: argparse.Na
         with pods as run:
             if run.failures():
                 evidence(cd, run, Path("/run/kata-py"))
-            return Summary.of(run)
+        # Removed by now (ctr_at_once and cri_at_once remove their pods on the way out).
+        left = left_after(before)
+        if left:
+            print("left after removal:\n  " + "\n  ".join(left), file=sys.stderr)
+        return Summary.of(run, left)
 
 
 def main() -> int:
@@ -171,7 +201,8 @@ def main() -> int:
         print(json.dumps({w: {k: asdict(r) for k, r in by.items()} for w, by in results.items()}))
     else:
         print(report(args, results))
-    return 1 if any(r.failures for way in results.values() for r in way.values()) else 0
+    bad = any(r.failures or r.left for way in results.values() for r in way.values())
+    return 1 if bad else 0
 
 
 def report(args: argparse.Namespace, results: dict[str, dict[str, Summary]]) -> str:
@@ -195,10 +226,13 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Summary]]) -> 
         ]
         median = [f"{by_kind[k].median_ready:.1f} s" for k in kinds]
         ok = [f"{by_kind[k].ready}/{args.pods}, {len(by_kind[k].failures)} failed" for k in kinds]
+        left = [str(len(by_kind[k].left)) for k in kinds]
         rows += [
             f"| {ways[via]}: until the last pod was ready | {' | '.join(last)} |",
             f"| {ways[via]}: median pod ready | {' | '.join(median)} |",
             f"| {ways[via]}: ready, printing only their own token | {' | '.join(ok)} |",
+            f"| {ways[via]}: shims, VM processes, sandboxes left after removal "
+            f"| {' | '.join(left)} |",
         ]
     failures = [
         f"- {via} {kind}: {f}"
