@@ -18,7 +18,7 @@ streams): ``tests/e2e/test_parallel.py`` does the work, and checks a few pods in
 CI. Reports the time until the last pod was ready and the ratio to runc; for a
 failed pod, containerd's log lines about it (with the shim's, which containerd
 copies there) and the tail of its VM console, on stderr. Once the pods are
-removed, any kata-py shim, VM process or sandbox state still there after a
+removed, any kata-py shim, VM process or state (sandbox, monitor socket, clone) still there after a
 minute is listed, and fails the run as a failed pod does.
 
     bench/parallel.py [--pods 20] [--via ctr,cri] [--kinds cold,runc] [--config FILE]
@@ -45,7 +45,7 @@ from pathlib import Path
 from _common import Containerd, private_containerd
 from density import HEADS, KINDS, runtime_kinds
 
-from tests.e2e.conftest import IMAGE, shim_pids
+from tests.e2e.conftest import IMAGE, processes_left, state_left
 from tests.e2e.test_cri import (
     PAUSE,
     PAUSE_ENTRYPOINT,
@@ -54,11 +54,9 @@ from tests.e2e.test_cri import (
     remove_cri_containerd,
 )
 from tests.e2e.test_parallel import AtOnce, PatientCri, cri_at_once, ctr_at_once
-from tests.leaks import vm_processes
 
 READY_TIMEOUT = 900.0  # seconds for a `ctr` call or a pod's first output: the bound of a run
 LEFT_TIMEOUT = 60.0  # seconds for the last shim and VM to go once every pod is removed
-SANDBOXES = Path("/run/kata-py/sbs")
 
 
 @contextlib.contextmanager
@@ -111,13 +109,8 @@ def evidence(cd: Containerd, run: AtOnce, state_dir: Path) -> None:
 
 
 def kata_py_left() -> list[str]:
-    """kata-py shims, VM processes and sandbox states on the host."""
-    sandboxes = sorted(os.listdir(SANDBOXES)) if SANDBOXES.exists() else []
-    return [
-        *(f"shim {pid}" for pid in shim_pids()),
-        *vm_processes("kata-py-"),
-        *(f"sandbox {sid}" for sid in sandboxes),
-    ]
+    """kata-py shims, VM processes and states on the host (what the e2e suite checks)."""
+    return processes_left() + state_left()
 
 
 def left_after(before: list[str], timeout: float = LEFT_TIMEOUT) -> list[str]:

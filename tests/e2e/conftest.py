@@ -181,24 +181,33 @@ def shim_sockets() -> set[str]:
     return set(os.listdir(SHIM_SOCKETS)) if SHIM_SOCKETS.exists() else set()
 
 
+def processes_left() -> list[str]:
+    """kata-py shims (by pid) and VM processes (QEMU, virtiofsd, vsock backend) on the host."""
+    return [*map(str, shim_pids()), *vm_processes("kata-py-")]
+
+
+def state_left() -> list[str]:
+    """Sandbox states, monitor sockets and template clones' RAM copies (their default place)."""
+    return [
+        f"{d.name}/{entry}"
+        for d in (Path("/run/kata-py/sbs"), Path("/run/kata-py/monitor"), DEFAULT_CLONES)
+        if d.exists()
+        for entry in sorted(os.listdir(d))
+    ]
+
+
 def assert_nothing_left(sockets_before: set[str], cgroups_before: set[str]) -> None:
     """No shim, QEMU, virtiofsd, mount, shim or monitor socket, sandbox state or cgroup left.
 
     Leaked shims are killed before the asserts.
     """
     deadline = time.monotonic() + 15
-    while (shim_pids() or vm_processes("kata-py-")) and time.monotonic() < deadline:
+    while processes_left() and time.monotonic() < deadline:
         time.sleep(0.2)
-    leaks = [*map(str, shim_pids()), *vm_processes("kata-py-")]
+    leaks = processes_left()
     for pid in shim_pids():
         os.kill(pid, signal.SIGKILL)
-    left = [
-        f"{d.name}/{entry}"
-        # and the RAM copies of pods cloned from a template (its default place)
-        for d in (Path("/run/kata-py/sbs"), Path("/run/kata-py/monitor"), DEFAULT_CLONES)
-        if d.exists()
-        for entry in sorted(os.listdir(d))
-    ]
+    left = state_left()
     with open("/proc/self/mountinfo") as f:
         mounts = [line.split()[4] for line in f if line.split()[4].startswith("/run/kata-py/")]
     assert leaks == []
