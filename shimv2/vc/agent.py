@@ -144,9 +144,9 @@ async def connect_agent(
     last_error: Exception | None = None
     pause = DIAL_PAUSE
     if endpoint.ready is not None:
-        with trio.move_on_at(deadline):
+        with trio.move_on_at(deadline) as waiting:
             await endpoint.ready()
-        if trio.current_time() >= deadline:
+        if waiting.cancelled_caught:
             raise Unavailable(
                 f"agent not reachable at {endpoint}: its channel was not ready "
                 f"within {ready_timeout:g}s"

@@ -174,7 +174,7 @@ class Qemu:
         vhost-device-vsock 0.3.0 must not see a host connection between the
         guest memory table and ready rings: its ring code fails then, and any
         error ends vhost-user-backend's worker loop for good, so every later
-        ``CONNECT`` goes unanswered (1 boot in 3 with dials every 5 ms, here).
+        ``CONNECT`` goes unanswered (3 boots in 18 with dials every 5 ms, here).
         QEMU's ``vhost-started`` is set under the lock QMP runs under, after the
         start messages are sent; a grace covers the backend reading the last of
         them. The backend runs on CPUs as busy as QEMU's, so the grace grows with
