@@ -153,6 +153,28 @@ def shim_pids() -> list[int]:
     return sorted(found)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shim_runs_this_code() -> None:
+    """containerd's shim imports shimv2 from this checkout, not another clone's.
+
+    Otherwise shims run other code and boot other guest files: template keys
+    then differ and clones silently boot cold (a CI run that failed that way).
+    """
+    shim = shutil.which(SHIM, path=f"/usr/local/bin:{os.environ.get('PATH', '')}")
+    assert shim is not None, f"{SHIM} is not on PATH: run scripts/setup"
+    interpreter = Path(shim).read_text().splitlines()[0].removeprefix("#!").split()[0]
+    where = subprocess.run(
+        [interpreter, "-c", "import shimv2; print(shimv2.__file__)"],
+        cwd="/",
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert Path(where).resolve().parents[1] == ROOT.resolve(), (
+        f"{SHIM} runs {where}, not this checkout ({ROOT}): run scripts/setup"
+    )
+
+
 @pytest.fixture(scope="session", params=VERSIONS, ids=_version_id)
 def containerd(request: pytest.FixtureRequest) -> Iterator[Containerd]:
     version, binary, ctr_binary, channel = request.param
