@@ -105,6 +105,7 @@ class Container:
         self.lock = trio.Lock()
         self._state = State.CREATING
         self.oom_kills = 0
+        self.poststart_hooks = False  # its spec has some: the runtime's own start runs them
 
     @property
     def state(self) -> State:
@@ -263,6 +264,8 @@ class ContainerService:
         for key, value in oci.take_shared_net_sysctls(config).items():
             _set_sysctl(self._proc_sys, key, value)
         self._join_pod_namespaces(config, sandbox_pidns)
+        hooks = config.get("hooks")
+        container.poststart_hooks = isinstance(hooks, dict) and bool(hooks.get("poststart"))
         _write_json(os.path.join(bundle, "config.json"), config)
         container.init = await self._launch(
             container,
@@ -284,7 +287,7 @@ class ContainerService:
         container = self._container(req.container_id)
         async with container.lock:
             container.require("start")
-            await self.runtime.start(container.id)
+            await self.runtime.start(container.id, poststart_hooks=container.poststart_hooks)
             container.state = State.RUNNING
         return Empty()
 

@@ -24,6 +24,7 @@ from shimv2.errdefs import DeadlineExceeded, FailedPrecondition, Internal
 from shimv2.guest.process import Exit, Reaper
 
 DEFAULT_TIMEOUT = 60.0
+CRUN_STATE_ROOT = "/run/crun"  # crun's --root when run as root
 _LOG_TAIL = 4096
 
 
@@ -102,8 +103,35 @@ class Runtime:
             args += ["--tty", "--console-socket", console_socket]
         await self._run_with_stdio([*args, cid], log, stdio)
 
-    async def start(self, cid: str) -> None:
+    async def start(self, cid: str, *, poststart_hooks: bool = False) -> None:
+        """Let the created container's process run.
+
+        crun's ``start`` opens the container's exec FIFO, removes it and writes
+        one byte, then runs poststart hooks. Without hooks the agent does the
+        same itself: an exec of crun costs ~0.15 s under TCG. Whenever the FIFO
+        cannot be opened (no such container, its process died), ``crun start``
+        runs and reports why.
+        """
+        if not poststart_hooks and self._release_exec_fifo(cid):
+            return
         await self._run("start", cid)
+
+    def _release_exec_fifo(self, cid: str) -> bool:
+        if os.path.basename(self.binary) != "crun" or "/" in cid or cid in ("", ".", ".."):
+            return False
+        fifo = os.path.join(self._root or CRUN_STATE_ROOT, cid, "exec.fifo")
+        try:
+            # Non-blocking: with no reader (the container's process is gone) this
+            # fails at once instead of hanging.
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            os.unlink(fifo)  # crun tells "created" from "running" by the FIFO
+            os.write(fd, b"\0")
+        finally:
+            os.close(fd)
+        return True
 
     async def kill(self, cid: str, sig: int, *, all_processes: bool = False) -> None:
         args = ["kill"] + (["--all"] if all_processes else []) + [cid, str(sig)]

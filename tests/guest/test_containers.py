@@ -237,6 +237,61 @@ async def test_illegal_transitions(agent: Agent) -> None:
     await agent.remove(cid)
 
 
+async def test_start_releases_the_runtimes_fifo_itself(agent: Agent) -> None:
+    """With crun and no poststart hooks, the agent lets the process run without ``crun start``."""
+    cid = await agent.create("fifo", ["echo", "started"])
+    fifo = Path("/run/crun") / cid / "exec.fifo"
+    assert fifo.exists()  # crun's own mark of a created container
+    assert json.loads(agent.host.run("state", cid).stdout)["status"] == "created"
+    assert agent.service.runtime._release_exec_fifo(cid)
+    assert not fifo.exists()
+    assert await agent.read_all(cid) == b"started\n"
+    assert await agent.wait(cid) == 0
+    assert json.loads(agent.host.run("state", cid).stdout)["status"] == "stopped"
+    await agent.remove(cid)
+    assert cid not in crun_ids(agent.host)
+
+
+async def test_start_of_a_container_whose_process_died_fails_at_once(agent: Agent) -> None:
+    """No reader on the FIFO: ``crun start`` runs and says why, nothing hangs."""
+    cid = await agent.create("died", ["echo", "never"])
+    pid = json.loads(agent.host.run("state", cid).stdout)["pid"]
+    os.kill(pid, signal.SIGKILL)
+    with trio.fail_after(10):
+        while _proc_state(pid) not in ("Z", "gone"):  # noqa: ASYNC110 (a process, no event)
+            await trio.sleep(0.02)
+        assert not agent.service.runtime._release_exec_fifo(cid)
+        assert (Path("/run/crun") / cid / "exec.fifo").exists()
+        with pytest.raises(FailedPrecondition, match="crun start"):
+            await agent.service.runtime.start(cid)
+        with pytest.raises(FailedPrecondition):
+            await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=cid))
+    await agent.remove(cid)
+    assert cid not in crun_ids(agent.host)
+
+
+async def test_poststart_hooks_run_through_the_runtimes_start(agent: Agent, tmp_path: Path) -> None:
+    cid = agent.cid("hooked")
+    mark = tmp_path / "poststart"
+    spec = make_spec(agent.rootfs, ["echo", "hooked"])
+    hook = oci_pb2.Hook(Path="/bin/sh", Args=["sh", "-c", f"echo ran > {mark}"])
+    spec.Hooks.Poststart.append(hook)
+    create = agent_pb2.CreateContainerRequest(container_id=cid, OCI=spec)
+    await agent.call("CreateContainer", create)
+    await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=cid))
+    assert await agent.read_all(cid) == b"hooked\n"
+    assert await agent.wait(cid) == 0
+    assert mark.read_text() == "ran\n"  # crun ran it: the agent's own start would not
+    await agent.remove(cid)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "gone"
+
+
 async def test_tty_and_resize(agent: Agent) -> None:
     cid = await agent.run("tty", ["sh", "-c", "sleep 0.5; stty size"], terminal=True)
     await agent.call(
