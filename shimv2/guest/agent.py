@@ -164,12 +164,8 @@ def load_container_service(options: Options, reaper: Any | None) -> Any | None:
 
 
 def _destroy_callback(containers: Any | None) -> Callable[[], Any] | None:
-    """DestroySandbox asks the container service to remove every container."""
-    for name in ("remove_all", "destroy_all", "shutdown"):
-        fn = getattr(containers, name, None)
-        if fn is not None:
-            return fn  # type: ignore[no-any-return]
-    return None
+    """DestroySandbox has the container service kill and forget every container."""
+    return None if containers is None else containers.destroy_all
 
 
 def agent_service(*impls: object) -> Service:

@@ -318,10 +318,12 @@ class ContainerService:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
 
-    async def _destroy(self, container: Container, *, force: bool) -> None:
+    async def _destroy(
+        self, container: Container, *, force: bool, runtime_delete: bool = True
+    ) -> None:
         """Delete the runtime's container, close every fd, remove the bundle and cgroup."""
         try:
-            if container.init is not None or force:
+            if runtime_delete and (container.init is not None or force):
                 try:
                     await self.runtime.delete(container.id, force=True)
                 except RuntimeFailed:
@@ -640,8 +642,13 @@ class ContainerService:
                 while container.id in self._oom_events:
                     await self._oom_taken.park()
 
-    async def remove_all(self) -> None:
-        """Kill and remove every container (agent shutdown, tests)."""
+    async def remove_all(self, *, runtime_delete: bool = True) -> None:
+        """Kill and remove every container (agent shutdown, tests).
+
+        Without ``runtime_delete`` (DestroySandbox: the VM is powered off next)
+        the runtime's own state is left to die with the guest's tmpfs: a
+        ``crun delete`` per container costs ~0.2 s under TCG and changes nothing.
+        """
         for container in list(self._containers.values()):
             if container.state is State.CREATING:
                 continue
@@ -649,7 +656,11 @@ class ContainerService:
             with trio.move_on_after(5):
                 for proc in container.processes():
                     await proc.exit.wait()
-            await self._destroy(container, force=True)
+            await self._destroy(container, force=True, runtime_delete=runtime_delete)
+
+    async def destroy_all(self) -> None:
+        """DestroySandbox: every container killed and forgotten, the VM's end is near."""
+        await self.remove_all(runtime_delete=False)
 
 
 # ---- helpers --------------------------------------------------------------------------------

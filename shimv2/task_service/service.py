@@ -500,6 +500,14 @@ class TaskService:
             stopped = await self._vc.stop_container(task.sandbox_id, task.id)
             status = 137 if stopped.exit_status is None else stopped.exit_status
             proc.record_exit(status)
+        if self._goes_with_its_sandbox(task):
+            # The VM is powered off first: removing the container in the guest
+            # (a crun delete, ~0.2 s under TCG) would change nothing. If that
+            # stop fails, the reap below tries again and reports it.
+            try:
+                await self._vc.stop_sandbox(task.sandbox_id, True)
+            except Error as exc:
+                log.warning("task %s: stopping its sandbox first: %s", task.id, exc)
         await self._vc.delete_container(task.sandbox_id, task.id)
         for ex in list(task.execs.values()):
             await ex.io.aclose()
@@ -512,6 +520,13 @@ class TaskService:
         if task.owns_sandbox:
             self._orphaned.add(task.sandbox_id)
         await self._reap_sandbox(task.sandbox_id)
+
+    def _goes_with_its_sandbox(self, task: Task) -> bool:
+        """Deleting ``task`` ends its sandbox: it is the sandbox's own, alone in it."""
+        sid = task.sandbox_id
+        if not task.owns_sandbox or sid in self._creating:
+            return False
+        return not any(t.sandbox_id == sid and t is not task for t in self._tasks.values())
 
     async def _reap_sandbox(self, sid: str) -> None:
         """Stop and delete a sandbox whose own container is gone, once it is empty."""

@@ -203,9 +203,11 @@ class Container:
 
     async def delete(self) -> None:
         self._require("stopped", verb="delete")
-        # Without an agent (its channel died; the VM is on its way down) there is
-        # nothing in the guest to remove, and nothing left that could.
-        if not self.sandbox.vm_gone and self.sandbox.agent_connected:
+        # Without an agent (its channel died; the VM is on its way down, or the
+        # sandbox was stopped first) there is nothing in the guest to remove,
+        # and nothing left that could.
+        sandbox = self.sandbox
+        if sandbox.state.state != "stopped" and not sandbox.vm_gone and sandbox.agent_connected:
             request = agent_pb2.RemoveContainerRequest(container_id=self.id, timeout=10)
             # NotFound: the guest no longer knows it; nothing to remove.
             with contextlib.suppress(NotFound):

@@ -243,7 +243,7 @@ async def test_containers_are_composed_and_destroy_calls_back() -> None:
         ) -> Empty:
             return Empty()
 
-        async def remove_all(self) -> None:
+        async def destroy_all(self) -> None:
             removed.append("all")
 
     agent = build_agent(Options(), guest=FakeGuestOS(), containers=Containers())

@@ -292,6 +292,20 @@ def _proc_state(pid: int) -> str:
         return "gone"
 
 
+async def test_destroy_all_kills_and_forgets_every_container_without_the_runtime(
+    agent: Agent,
+) -> None:
+    """DestroySandbox: the VM goes next, so crun's own state is left to go with it."""
+    cid = await agent.run("doomed", ["sleep", "1000"])
+    pid = json.loads(agent.host.run("state", cid).stdout)["pid"]
+    with trio.fail_after(15):
+        await agent.service.destroy_all()
+    assert _proc_state(pid) in ("Z", "gone")
+    with pytest.raises(NotFound):
+        await agent.wait(cid)
+    assert json.loads(agent.host.run("state", cid).stdout)["status"] == "stopped"
+
+
 async def test_tty_and_resize(agent: Agent) -> None:
     cid = await agent.run("tty", ["sh", "-c", "sleep 0.5; stty size"], terminal=True)
     await agent.call(
@@ -429,12 +443,17 @@ async def test_list_processes(agent: Agent) -> None:
         agent_pb2.ListProcessesResponse,
     )
     assert json.loads(resp.process_list) == [init.pid]
-    resp = await agent.call(
-        "ListProcesses",
-        agent_pb2.ListProcessesRequest(container_id=cid, format="table"),
-        agent_pb2.ListProcessesResponse,
-    )
-    assert re.search(rf"^\s*{init.pid} sleep 100$", resp.process_list.decode(), re.M)
+    # Start returns once the process may run, as crun's does: it may still be
+    # on its way to exec ``sleep`` (the table shows what it is now).
+    table = ""
+    with trio.fail_after(10):
+        while not re.search(rf"^\s*{init.pid} sleep 100$", table, re.M):
+            resp = await agent.call(
+                "ListProcesses",
+                agent_pb2.ListProcessesRequest(container_id=cid, format="table"),
+                agent_pb2.ListProcessesResponse,
+            )
+            table = resp.process_list.decode()
     with pytest.raises(InvalidArgument):
         await agent.call(
             "ListProcesses", agent_pb2.ListProcessesRequest(container_id=cid, format="xml")
