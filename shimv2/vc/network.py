@@ -48,6 +48,7 @@ from shimv2.errdefs import (
     NotFound,
 )
 from shimv2.pb.kata import types_pb2
+from shimv2.vc.qemu_config import Nic
 
 if TYPE_CHECKING:
     # pyroute2 costs ~20 MiB and 90 ms: imported at run time only when a pod has a netns.
@@ -228,34 +229,15 @@ class TapAttachment:
     def netdev_id(self) -> str:
         return f"net{self.index}"
 
+    def nic(self) -> Nic:
+        """The guest NIC on this tap, for QEMU (given ``fd`` with the same number)."""
+        return Nic(self.netdev_id, self.fd, self.mac)
+
     def close(self) -> None:
         """Close our tap fd (QEMU keeps its own copy); idempotent."""
         fd, self.fd = self.fd, -1
         if fd >= 0:
             os.close(fd)
-
-
-def qemu_netdev_args(
-    attachment: TapAttachment, *, machine: str = "microvm", fd: int | None = None
-) -> list[str]:
-    """``-netdev``/``-device`` arguments for the tap; ``fd`` is the number QEMU sees.
-
-    By default that is ``attachment.fd`` (passed down with the same number, as
-    ``pass_fds`` does). For hotplug over QMP use ``getfd`` then ``netdev_add``
-    with ``fd=<name>`` instead.
-    """
-    if machine not in ("microvm", "q35"):
-        raise InvalidArgument(f"machine must be microvm or q35, not {machine!r}")
-    number = attachment.fd if fd is None else fd
-    if number < 0:
-        raise FailedPrecondition(f"tap {attachment.tap} has no open fd")
-    netdev = f"tap,id={attachment.netdev_id},fd={number}"
-    if machine == "microvm":
-        device = f"virtio-net-device,netdev={attachment.netdev_id},mac={attachment.mac}"
-    else:
-        # romfile= skips the iPXE option ROM: the guest never network-boots.
-        device = f"virtio-net-pci,netdev={attachment.netdev_id},mac={attachment.mac},romfile="
-    return ["-netdev", netdev, "-device", device]
 
 
 # -- running in a namespace -------------------------------------------------------

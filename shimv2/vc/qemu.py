@@ -251,7 +251,7 @@ class Qemu:
                     "qemu",
                     self.argv(),
                     stderr=qemu_log.fileno(),
-                    pass_fds=self.config.pass_fds,
+                    pass_fds=(*self.config.pass_fds, *(n.fd for n in self.config.nics)),
                     cgroup=self.config.cgroup,
                 )
             nursery.start_soon(self._watch, self._qemu)
@@ -341,10 +341,8 @@ class Qemu:
                 {"driver": "vhost-user-fs-pci", "id": "vfs0", "bus": "rp0",
                  "chardev": "vfs", "tag": SHARED_TAG},
             )  # fmt: skip
-        for i, spec in enumerate(self.config.hotplug_nics, start=1):
-            driver, *props = spec.split(",")
-            args = dict(p.split("=", 1) for p in props)
-            await qmp.execute("device_add", {"driver": driver, "bus": f"rp{i}", **args})
+        for i, nic in enumerate(self.config.nics, start=1):
+            await qmp.execute("device_add", nic.device_add(f"rp{i}"))
         if self._late_vsock():
             # The template's agent listens on vsock already (``kernel_cmdline``);
             # the clone's CID is its own, given here.
@@ -597,6 +595,10 @@ class Qemu:
         if cfg.free_page_reporting:
             dev = "virtio-balloon-device" if microvm else "virtio-balloon-pci"
             argv += ["-device", f"{dev},free-page-reporting=on"]
+        for nic in cfg.nics:
+            argv += nic.netdev_args()
+            if not cfg.late_devices:  # else plugged after start (``_plug_late_devices``)
+                argv += nic.device_args(cfg.machine)
         if cfg.incoming:
             argv += ["-incoming", "defer"]  # loaded over QMP (``_restore``)
         return [*argv, *cfg.extra_args]

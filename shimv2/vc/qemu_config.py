@@ -7,6 +7,7 @@ config, ``delete``, templates' keys) do not load what runs a VM.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +91,44 @@ def image_mib(path: str) -> int:
     return size >> 20
 
 
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}")
+_NETDEV_ID = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+
+
+@dataclass(frozen=True, slots=True)
+class Nic:
+    """A pod NIC: a tap QEMU gets as fd ``fd``, and the guest device's MAC.
+
+    Rendered here, as launch arguments or as a hotplug after a restore, so no
+    one parses QEMU argument strings back.
+    """
+
+    netdev_id: str
+    fd: int
+    mac: str
+
+    def validate(self) -> None:
+        # Both reach QEMU's option strings: a comma would add options.
+        if not _NETDEV_ID.fullmatch(self.netdev_id) or not _MAC.fullmatch(self.mac):
+            raise InvalidArgument(f"bad NIC: id {self.netdev_id!r}, MAC {self.mac!r}")
+        if self.fd < 0:
+            raise FailedPrecondition(f"NIC {self.netdev_id}: its tap has no open fd")
+
+    def netdev_args(self) -> list[str]:
+        return ["-netdev", f"tap,id={self.netdev_id},fd={self.fd}"]
+
+    def device_args(self, machine: str) -> list[str]:
+        if machine == "microvm":
+            return ["-device", f"virtio-net-device,netdev={self.netdev_id},mac={self.mac}"]
+        # romfile= skips the iPXE option ROM: the guest never network-boots.
+        return ["-device", f"virtio-net-pci,netdev={self.netdev_id},mac={self.mac},romfile="]
+
+    def device_add(self, bus: str) -> dict[str, object]:
+        """QMP ``device_add`` arguments for plugging it on root port ``bus``."""
+        return {"driver": "virtio-net-pci", "bus": bus, "netdev": self.netdev_id,
+                "mac": self.mac, "romfile": ""}  # fmt: skip
+
+
 @dataclass(frozen=True, slots=True)
 class QemuConfig:
     kernel: str = field(default_factory=lambda: str(default_guest_dir() / "vmlinux"))
@@ -124,7 +163,9 @@ class QemuConfig:
     vsock_backend: str = field(default_factory=default_backend)  # for hybrid-vsock
     # A virtio-serial port for the guest's debug shell (``kata-py exec``).
     debug_console: bool = False
-    # Devices known only at launch (network taps): arguments and the fds they name.
+    # The pod's NICs: each a tap QEMU gets as an open fd (same number).
+    nics: tuple[Nic, ...] = ()
+    # More arguments for QEMU, and fds they name (kept open in QEMU, same numbers).
     extra_args: tuple[str, ...] = ()
     pass_fds: tuple[int, ...] = ()
     # The sandbox's cgroup (its cgroup.procs files): QEMU and virtiofsd start in it.
@@ -135,9 +176,9 @@ class QemuConfig:
     # A template's saved device state: QEMU starts paused and loads it (a clone).
     incoming: str | None = None
     # virtio-fs and NICs are plugged after start, on PCIe root ports (templates
-    # and clones: neither can be in a migrated VM). Device specs of the NICs.
+    # and clones: neither can be in a migrated VM); only the NICs' taps are
+    # on the command line then.
     late_devices: bool = False
-    hotplug_nics: tuple[str, ...] = ()
 
     def validate(self) -> None:
         if self.machine not in ("microvm", "q35"):
@@ -163,9 +204,11 @@ class QemuConfig:
             image_mib(self.image)
         # One port is virtio-fs's, and one a late vsock device's (any channel but serial).
         nic_ports = HOTPLUG_PORTS - 1 - (self.agent_channel != "serial")
-        if len(self.hotplug_nics) > nic_ports:
+        if self.late_devices and len(self.nics) > nic_ports:
             raise InvalidArgument(f"at most {nic_ports} NICs can be plugged late")
-        if (self.incoming or self.hotplug_nics) and not self.late_devices:
+        if self.incoming and not self.late_devices:
             raise InvalidArgument("a clone's devices are plugged late (late_devices)")
+        for nic in self.nics:
+            nic.validate()
         if shutil.which(self.binary) is None:
             raise FailedPrecondition(f"hypervisor binary not found: {self.binary}")

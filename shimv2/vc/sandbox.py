@@ -147,14 +147,7 @@ class Sandbox:
             self.taps = await network.add_interfaces(self.state.netns)
             self.state.taps = [f"{t.index}:{t.endpoint.name}" for t in self.taps]
             self.save()  # recorded before anything can fail, for cleanup after a crash
-            args = [
-                arg
-                for t in self.taps
-                for arg in network.qemu_netdev_args(t, machine=qemu_config.machine)
-            ]
-            qemu_config = dataclasses.replace(
-                qemu_config, extra_args=tuple(args), pass_fds=tuple(t.fd for t in self.taps)
-            )
+            qemu_config = dataclasses.replace(qemu_config, nics=tuple(t.nic() for t in self.taps))
         qemu_config = dataclasses.replace(qemu_config, cgroup=self.make_cgroup())
         try:
             self.vm = await factory.get_vm(

@@ -64,7 +64,7 @@ def template_config(config: QemuConfig) -> QemuConfig:
         memory_dir=None,
         incoming=None,
         late_devices=True,
-        hotplug_nics=(),
+        nics=(),
         # The template's builder talks over virtio-serial. A vsock device would keep
         # its guest CID in the saved state, giving every clone the template's: a
         # clone that uses vsock gets its own device after the restore, and the
@@ -245,32 +245,6 @@ def destroy_templates(template_path: str | Path) -> int:
 # -- cloning ---------------------------------------------------------------------
 
 
-def split_nics(config: QemuConfig) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The pod's launch arguments without its NIC devices, and those devices as PCI.
-
-    A clone's NICs are plugged after the restore on root ports (PCI on microvm
-    too); their ``-netdev`` backends (the taps) stay on the command line.
-    """
-    args: list[str] = []
-    nics: list[str] = []
-    extra = list(config.extra_args)
-    i = 0
-    while i < len(extra):
-        arg = extra[i]
-        value = extra[i + 1] if i + 1 < len(extra) else ""
-        if arg == "-device":
-            driver, _, props = value.partition(",")
-            if driver not in ("virtio-net-device", "virtio-net-pci"):
-                raise InvalidArgument(f"device {driver} cannot be plugged into a clone")
-            kept = [p for p in props.split(",") if p and not p.startswith("romfile=")]
-            nics.append(",".join(["virtio-net-pci", *kept, "romfile="]))
-            i += 2
-            continue
-        args.append(arg)
-        i += 1
-    return tuple(args), tuple(nics)
-
-
 class TemplateFactory:
     """Clone the template for the pod's configuration; boot cold when there is none."""
 
@@ -301,7 +275,6 @@ class TemplateFactory:
         template = self.template_path / key
         if not (template / META_FILE).is_file():
             raise NotFound(f"no template {key} in {self.template_path} (kata-py factory init)")
-        extra_args, nics = split_nics(config)
         memory = clones_dir(self.template_path) / vm_id
         shutil.rmtree(memory, ignore_errors=True)
         memory.mkdir(mode=0o700, parents=True)
@@ -315,8 +288,6 @@ class TemplateFactory:
             memory_dir=str(memory),
             incoming=str(template / STATE_FILE),
             late_devices=True,
-            hotplug_nics=nics,
-            extra_args=extra_args,
         )
 
 

@@ -26,11 +26,11 @@ from shimv2.vc.network import (
     add_interfaces,
     attach,
     detach,
-    qemu_netdev_args,
     remove_interfaces,
     scan,
     tap_fd_name,
 )
+from shimv2.vc.qemu_config import Nic
 
 ETH_P_ARP = 0x0806
 ETH_P_TEST = 0x88B5  # IEEE local experimental
@@ -341,23 +341,27 @@ async def test_add_and_remove_interfaces(pod: Pod) -> None:
 # -- QEMU ----------------------------------------------------------------------------
 
 
-def test_qemu_netdev_args() -> None:
+def test_a_tap_gives_qemu_its_nic() -> None:
     ep = Endpoint(name="eth0", index=2, kind="veth", mac="02:42:ac:11:00:02", mtu=1500, raw_flags=0)
-    att = TapAttachment(index=1, endpoint=ep, fd=7)
-    assert qemu_netdev_args(att) == [
+    nic = TapAttachment(index=1, endpoint=ep, fd=7).nic()
+    assert nic == Nic("net1", 7, "02:42:ac:11:00:02")
+    assert [*nic.netdev_args(), *nic.device_args("microvm")] == [
         "-netdev", "tap,id=net1,fd=7",
         "-device", "virtio-net-device,netdev=net1,mac=02:42:ac:11:00:02",
     ]  # fmt: skip
-    assert qemu_netdev_args(att, machine="q35", fd=3)[1:] == [
-        "tap,id=net1,fd=3",
-        "-device",
-        "virtio-net-pci,netdev=net1,mac=02:42:ac:11:00:02,romfile=",
-    ]
-    with pytest.raises(InvalidArgument):
-        qemu_netdev_args(att, machine="pc")
-    att.fd = -1
+    assert nic.device_args("q35") == [
+        "-device", "virtio-net-pci,netdev=net1,mac=02:42:ac:11:00:02,romfile="
+    ]  # fmt: skip
+    assert nic.device_add("rp1") == {
+        "driver": "virtio-net-pci", "bus": "rp1", "netdev": "net1",
+        "mac": "02:42:ac:11:00:02", "romfile": "",
+    }  # fmt: skip
+    nic.validate()
     with pytest.raises(FailedPrecondition):
-        qemu_netdev_args(att)
+        TapAttachment(index=1, endpoint=ep).nic().validate()  # its tap is closed
+    for bad in (Nic("net1", 7, "02:42:ac:11:00:02,romfile=x"), Nic("n,x=1", 7, ep.mac)):
+        with pytest.raises(InvalidArgument):  # a comma would add QEMU options
+            bad.validate()
 
 
 @pytest.mark.parametrize("machine", ["microvm", "q35"])
@@ -372,7 +376,7 @@ async def test_qemu_accepts_the_tap_fd(pod: Pod, machine: str) -> None:
         )
         argv = [
             "qemu-system-x86_64", "-M", machine, "-S", "-nodefaults", "-display", "none",
-            "-qmp", "stdio", *qemu_netdev_args(att, machine=machine),
+            "-qmp", "stdio", *att.nic().netdev_args(), *att.nic().device_args(machine),
         ]  # fmt: skip
         with trio.fail_after(20):
             done = await trio.run_process(

@@ -31,9 +31,9 @@ from shimv2.vc.config import (
 from shimv2.vc.container import ContainerConfig
 from shimv2.vc.factory import DirectFactory
 from shimv2.vc.qemu import Qemu
-from shimv2.vc.qemu_config import AGENT_PORT_NAME, QemuConfig
+from shimv2.vc.qemu_config import AGENT_PORT_NAME, Nic, QemuConfig
 from shimv2.vc.sandbox import SandboxConfig
-from shimv2.vc.template import TemplateFactory, split_nics, template_key
+from shimv2.vc.template import TemplateFactory, template_key
 from shimv2.vc.vsock import default_backend, resolve_channel
 from tests.guest.rootfs import build_rootfs, make_spec
 from tests.leaks import RecordingCgroups
@@ -57,7 +57,7 @@ def test_the_key_follows_what_the_guest_is_booted_from_and_with(tmp_path: Path) 
     key = template_key(base)
     # Per-pod parts do not matter: every pod of a configuration shares the template.
     pod = dataclasses.replace(
-        base, shared_dir="/x", extra_args=("-netdev", "tap,id=n0,fd=3"), cgroup=("/c",)
+        base, shared_dir="/x", nics=(Nic("n0", 3, "02:00:00:00:00:01"),), cgroup=("/c",)
     )
     assert template_key(pod) == key
     for change in (
@@ -83,11 +83,13 @@ def test_late_devices_and_a_restore_on_the_command_line(tmp_path: Path) -> None:
         late_devices=True,
         memory_dir=str(memory),
         incoming=str(tmp_path / "state"),
-        hotplug_nics=("virtio-net-pci,netdev=n0,mac=02:00:00:00:00:01,romfile=",),
+        nics=(Nic("n0", 5, "02:00:00:00:00:01"),),
     )
     argv = clone.argv()
     line = " ".join(argv)
     assert "vhost-user-fs" not in line  # plugged after the restore
+    assert "tap,id=n0,fd=5" in line  # the tap is there, its NIC is plugged late
+    assert "virtio-net" not in line
     assert f"socket,id=vfs,path={clone.virtiofs_path}" in line  # its chardev is there
     assert line.count("pcie-root-port") == 4
     assert "pcie_ports=native" in line
@@ -98,9 +100,9 @@ def test_late_devices_and_a_restore_on_the_command_line(tmp_path: Path) -> None:
     assert "memory-backend-memfd" not in line
     with pytest.raises(errdefs.InvalidArgument):
         dataclasses.replace(clone.config, late_devices=False).validate()
-    too_many = ("virtio-net-pci,netdev=n,mac=02:00:00:00:00:01",) * 4
+    too_many = (Nic("n", 5, "02:00:00:00:00:01"),) * 4
     with pytest.raises(errdefs.InvalidArgument):
-        dataclasses.replace(clone.config, hotplug_nics=too_many).validate()
+        dataclasses.replace(clone.config, nics=too_many).validate()
 
 
 @pytest.mark.parametrize("channel", ["serial", "hybrid-vsock", "vsock"])
@@ -122,26 +124,23 @@ def test_a_clone_has_its_templates_serial_port_and_gets_vsock_late(
     assert "vsock-device" not in line
     assert "vsock-pci" not in line
     assert ("socket,id=vsock" in line) == (channel == "hybrid-vsock")  # the backend's chardev
-    nics = ("virtio-net-pci,netdev=n,mac=02:00:00:00:00:01",) * 3
+    nics = (Nic("n", 5, "02:00:00:00:00:01"),) * 3
     if channel == "serial":
-        dataclasses.replace(clone.config, hotplug_nics=nics).validate()
+        dataclasses.replace(clone.config, nics=nics).validate()
     else:  # the last root port is the vsock device's
         with pytest.raises(errdefs.InvalidArgument, match="at most 2 NICs"):
-            dataclasses.replace(clone.config, hotplug_nics=nics).validate()
+            dataclasses.replace(clone.config, nics=nics).validate()
 
 
-def test_a_clones_nics_become_pci_devices_and_their_taps_stay() -> None:
-    config = QemuConfig(
-        extra_args=(
-            "-netdev", "tap,id=n0,fd=5",
-            "-device", "virtio-net-device,netdev=n0,mac=02:00:00:00:00:01",
-        )
-    )  # fmt: skip
-    args, nics = split_nics(config)
-    assert args == ("-netdev", "tap,id=n0,fd=5")
-    assert nics == ("virtio-net-pci,netdev=n0,mac=02:00:00:00:00:01,romfile=",)
-    with pytest.raises(errdefs.InvalidArgument):
-        split_nics(QemuConfig(extra_args=("-device", "virtio-blk-pci,drive=d0")))
+def test_a_pods_nics_are_on_its_command_line_and_a_clones_are_plugged(tmp_path: Path) -> None:
+    nic = Nic("n0", 5, "02:00:00:00:00:01")
+    cold = _qemu(tmp_path, nics=(nic,)).argv()
+    line = " ".join(cold)
+    assert (
+        "-netdev tap,id=n0,fd=5 -device virtio-net-device,netdev=n0,mac=02:00:00:00:00:01" in line
+    )
+    q35 = " ".join(_qemu(tmp_path, nics=(nic,), machine="q35").argv())
+    assert "virtio-net-pci,netdev=n0,mac=02:00:00:00:00:01,romfile=" in q35
 
 
 def test_templates_must_live_on_tmpfs_and_the_vm_cache_is_refused(tmp_path: Path) -> None:
