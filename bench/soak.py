@@ -9,15 +9,19 @@ Pods are cloned from a template (``--cold`` boots them instead). Prints the
 long-lived shim's fds and RSS over the cycles, and the cycle times.
 
     bench/soak.py [--cycles 1000] [--pods 2] [--cold] [--minutes M]
+
+SIGTERM ends the run after the cycle under way, with its figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -54,10 +58,14 @@ def main() -> int:
                 soak = Soak(cd, runtime, pods=args.pods)
                 baseline = soak.start()
                 t0 = time.monotonic()
+                stop = _stop_requested()
                 try:
                     for n in range(args.cycles):
                         if args.minutes and time.monotonic() - t0 > args.minutes * 60:
                             print(f"stopping after {n} cycles: --minutes {args.minutes:g}")
+                            break
+                        if stop.is_set():
+                            print(f"stopping after {n} cycles: SIGTERM")
                             break
                         sample = soak.cycle(n)
                         if sample.counts != baseline:
@@ -84,6 +92,13 @@ def main() -> int:
     for line in failures[:20]:
         print(line)
     return 1 if failures else 0
+
+
+def _stop_requested() -> threading.Event:
+    """Set by SIGTERM: the run ends after the cycle under way, with its figures."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    return stop
 
 
 if __name__ == "__main__":
