@@ -678,7 +678,7 @@ def _set_sysctl(proc_sys: str, key: str, value: str) -> None:
 def _write_json(path: str, obj: object) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(obj, f)
+        f.write(json.dumps(obj))  # json.dump would take the pure-Python encoder
 
 
 def _unlink(path: str) -> None:

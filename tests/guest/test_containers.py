@@ -731,8 +731,11 @@ def test_a_process_without_arguments_is_listed_by_its_name() -> None:
     zombie = subprocess.Popen(["sleep", "0"])
     try:
         deadline = time.monotonic() + 5
-        while Path(f"/proc/{zombie.pid}/cmdline").read_bytes() and time.monotonic() < deadline:
-            time.sleep(0.01)  # not reaped: a zombie, whose cmdline is empty
+        # Not reaped: a zombie, whose cmdline is empty (by its state: a process
+        # in the middle of its execve has an empty cmdline too, and its old name).
+        while _proc_state(zombie.pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert Path(f"/proc/{zombie.pid}/cmdline").read_bytes() == b""
         assert _cmdline(zombie.pid) == "[sleep]"
     finally:
         zombie.wait()
