@@ -30,7 +30,7 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shimv2.guest.oci import spec_to_json  # noqa: E402
+from shimv2.oci import spec_to_json  # noqa: E402
 from shimv2.vc.api import VirtContainers  # noqa: E402
 from shimv2.vc.config import Config, RuntimeConfig  # noqa: E402
 from shimv2.vc.container import ContainerConfig  # noqa: E402

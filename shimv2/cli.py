@@ -347,7 +347,7 @@ def attach_console(path: str, stdin: int, stdout: int) -> int:
     import termios
     import tty
 
-    from shimv2.guest.debug_console import SHELL_EXITED_END, SHELL_EXITED_PREFIX
+    from shimv2.guest_protocol import SHELL_EXITED_END, SHELL_EXITED_PREFIX
 
     interactive = os.isatty(stdin)
     saved = termios.tcgetattr(stdin) if interactive else None

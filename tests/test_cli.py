@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from shimv2 import cli
-from shimv2.guest.debug_console import SHELL_EXITED_END, SHELL_EXITED_PREFIX, shell_exited
+from shimv2.guest_protocol import SHELL_EXITED_END, SHELL_EXITED_PREFIX, shell_exited
 from shimv2.vc.qemu_config import default_guest_dir
 from shimv2.vc.testing import FakeDebugConsole
 from tests.leaks import vm_processes

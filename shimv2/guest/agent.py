@@ -28,6 +28,7 @@ from shimv2.guest import channel as ch
 from shimv2.guest.health import HealthService
 from shimv2.guest.network import CommandRunner, IpCommand, NetworkService
 from shimv2.guest.system import MODULES_LIST, GuestOS, SandboxService, guest_setup
+from shimv2.guest_protocol import AGENT_PORT_NAME
 from shimv2.pb.kata import agent_pb2, health_pb2
 from shimv2.ttrpc import Method, Server, Service
 
@@ -247,9 +248,9 @@ async def serve_channel(
     )
     vsock = options.channel in ("vsock", "serial+vsock") or not serial
     if serial and port is None:
-        raise ch.ChannelError(f"no virtio-serial port {ch.AGENT_PORT_NAME}")
+        raise ch.ChannelError(f"no virtio-serial port {AGENT_PORT_NAME}")
     if options.channel == "auto" and not serial and not vsock_dev.exists():
-        raise ch.ChannelError(f"neither a virtio-serial port {ch.AGENT_PORT_NAME} nor {vsock_dev}")
+        raise ch.ChannelError(f"neither a virtio-serial port {AGENT_PORT_NAME} nor {vsock_dev}")
     # Opened before anything is served: either failing fails the channel.
     fd = ch.open_port(port) if serial and port is not None else None
     try:
@@ -277,11 +278,12 @@ async def serve_channel(
 
 async def debug_console(reaper: Any, port_wait: float) -> None:
     """The debug console, if its port shows up; the agent serves on without it."""
-    from shimv2.guest.debug_console import PORT_NAME, serve_debug_console
+    from shimv2.guest.debug_console import serve_debug_console
+    from shimv2.guest_protocol import DEBUG_CONSOLE_PORT
 
-    port = await ch.wait_for_serial_port(port_wait, PORT_NAME)
+    port = await ch.wait_for_serial_port(port_wait, DEBUG_CONSOLE_PORT)
     if port is None:
-        log.warning("debug console asked for, but there is no port %s", PORT_NAME)
+        log.warning("debug console asked for, but there is no port %s", DEBUG_CONSOLE_PORT)
         return
     try:
         await serve_debug_console(reaper, str(port))

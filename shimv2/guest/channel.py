@@ -26,12 +26,12 @@ from pathlib import Path
 
 import trio
 
+from shimv2.guest_protocol import AGENT_PORT_NAME
 from shimv2.ttrpc import FdTransport, Server, SocketTransport, Transport
 from shimv2.ttrpc._codec import HEADER, MessageType
 
 log = logging.getLogger(__name__)
 
-AGENT_PORT_NAME = "agent.channel.0"
 VSOCK_PORT = 1024
 # How often to look again while the host side is not connected (reads return EOF).
 IDLE_POLL = 0.02

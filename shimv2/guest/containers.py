@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable
 import trio
 from google.protobuf.empty_pb2 import Empty
 
+from shimv2 import oci
 from shimv2.errdefs import (
     AlreadyExists,
     DeadlineExceeded,
@@ -42,7 +43,7 @@ from shimv2.errdefs import (
     NotFound,
     ResourceExhausted,
 )
-from shimv2.guest import cgroups, oci
+from shimv2.guest import cgroups
 from shimv2.guest.process import Process
 from shimv2.guest.runtime import Runtime, RuntimeFailed
 from shimv2.guest.stdio import OutputBuffer, StdinWriter, receive_fd

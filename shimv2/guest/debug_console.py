@@ -28,20 +28,13 @@ import trio
 
 from shimv2.guest import channel as ch
 from shimv2.guest.stdio import write_all
+from shimv2.guest_protocol import shell_exited
 
 log = logging.getLogger(__name__)
 
-PORT_NAME = "debug.console.0"
 SHELL = ("/bin/busybox", "setsid", "-c", "/bin/sh", "-i")
-# "\e]kata-py;shell-exited=<status>\a": ends ``kata-py exec`` with that status.
-SHELL_EXITED_PREFIX = b"\x1b]kata-py;shell-exited="
-SHELL_EXITED_END = b"\x07"
 HANGUP_GRACE = 1.0
 CHUNK = 64 * 1024
-
-
-def shell_exited(status: int) -> bytes:
-    return SHELL_EXITED_PREFIX + str(status).encode() + SHELL_EXITED_END
 
 
 async def _copy(src: int, dst: int) -> None:

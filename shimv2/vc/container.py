@@ -24,7 +24,7 @@ import trio
 from google.protobuf.empty_pb2 import Empty
 
 from shimv2.errdefs import AlreadyExists, Error, FailedPrecondition, Internal, NotFound
-from shimv2.guest.oci import message_from_json, spec_from_json
+from shimv2.oci import message_from_json, spec_from_json
 from shimv2.pb.kata import agent_pb2, oci_pb2
 from shimv2.vc.ids import check_id, container_id
 from shimv2.vc.persist import ContainerState

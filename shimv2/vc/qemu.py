@@ -24,15 +24,14 @@ from shimv2.errdefs import (
     ResourceExhausted,
     Unavailable,
 )
+from shimv2.guest_protocol import AGENT_PORT_NAME, DEBUG_CONSOLE_PORT
 from shimv2.vc.accel import choose_accelerator
 from shimv2.vc.console import RotatingLog, connect_console, relay_console
 from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.procs import Adopted, Child, ProcessIdentity
 from shimv2.vc.qemu_config import (
     ACCEL_CACHE,
-    AGENT_PORT_NAME,
     COMMAND_LINE_SIZE,
-    DEBUG_CONSOLE_PORT,
     FAST_PARAMS,
     HOTPLUG_PORTS,
     LATE_VSOCK_PORT,

@@ -16,8 +16,6 @@ from shimv2.errdefs import FailedPrecondition, InvalidArgument
 from shimv2.vc.virtiofsd import VIRTIOFSD
 from shimv2.vc.vsock import CHANNELS, default_backend
 
-AGENT_PORT_NAME = "agent.channel.0"
-DEBUG_CONSOLE_PORT = "debug.console.0"  # shimv2.guest.debug_console.PORT_NAME
 SHARED_TAG = "kataShared"
 # Trimmed kernel command line measured in the VM recipe; tsc_early_khz keeps
 # microvm from hanging while it calibrates the TSC under TCG.

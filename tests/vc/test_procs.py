@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from shimv2.guest.oci import spec_to_json
+from shimv2.oci import spec_to_json
 from shimv2.vc.api import VirtContainers
 from shimv2.vc.config import Config, RuntimeConfig
 from shimv2.vc.persist import SandboxState

@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from shimv2 import errdefs
-from shimv2.guest.oci import spec_to_json
+from shimv2.oci import spec_to_json
 from shimv2.vc.api import VirtContainers
 from shimv2.vc.config import Config, HypervisorConfig, RuntimeConfig
 from shimv2.vc.container import ContainerConfig

@@ -18,7 +18,8 @@ import pytest
 import trio
 
 from shimv2 import errdefs
-from shimv2.guest.oci import spec_to_json
+from shimv2.guest_protocol import AGENT_PORT_NAME
+from shimv2.oci import spec_to_json
 from shimv2.vc import template
 from shimv2.vc.api import VirtContainers, factory_for
 from shimv2.vc.config import (
@@ -31,7 +32,7 @@ from shimv2.vc.config import (
 from shimv2.vc.container import ContainerConfig
 from shimv2.vc.factory import DirectFactory
 from shimv2.vc.qemu import Qemu
-from shimv2.vc.qemu_config import AGENT_PORT_NAME, Nic, QemuConfig
+from shimv2.vc.qemu_config import Nic, QemuConfig
 from shimv2.vc.sandbox import SandboxConfig
 from shimv2.vc.template import TemplateFactory, template_key
 from shimv2.vc.vsock import default_backend, resolve_channel

@@ -15,8 +15,8 @@ from google.protobuf.message import Message
 from hypothesis import given
 from hypothesis import strategies as st
 
+from shimv2 import oci
 from shimv2.errdefs import InvalidArgument
-from shimv2.guest import oci
 from shimv2.pb.kata import oci_pb2
 from tests.strategies import fuzz_settings, messages, texts
 
