@@ -12,6 +12,7 @@ not fit the messages (wrong types, out-of-range numbers).
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -63,6 +64,7 @@ SKIPPED: frozenset[tuple[str, str]] = frozenset({("Spec", "Solaris"), ("Spec", "
 _LEADING_CAPS = re.compile(r"^([A-Z0-9]+)(?=[A-Z][a-z]|$)|^[A-Z]")
 
 
+@functools.cache
 def json_name(message: str, field: str) -> str:
     """The runtime-spec JSON key of a proto field of ``message``."""
     special = JSON_NAMES.get((message, field))
@@ -74,33 +76,31 @@ def json_name(message: str, field: str) -> str:
 def message_to_json(msg: Message) -> dict[str, Any]:
     """Any message of oci.proto as its runtime-spec JSON object."""
     desc: Any = msg.DESCRIPTOR
+    name = desc.name
     out: dict[str, Any] = {}
-    required = REQUIRED.get(desc.name, frozenset())
-    for field in desc.fields:
-        if (desc.name, field.name) in SKIPPED:
+    # ListFields: only what is set (non-empty, non-default, or present), from
+    # protobuf's C code; walking every field in Python costs ~10x under TCG.
+    for field, value in msg.ListFields():
+        if (name, field.name) in SKIPPED:
             continue
-        key = json_name(desc.name, field.name)
-        value = getattr(msg, field.name)
-        if _is_map(msg, field):
-            if value or field.name in required:
-                out[key] = {
-                    k: _scalar_or_message(field.message_type.fields_by_name["value"], v)
-                    for k, v in value.items()
-                }
-        elif _is_repeated(field):
-            if value or field.name in required:
-                out[key] = [_scalar_or_message(field, v) for v in value]
-        elif field.type == FieldDescriptor.TYPE_MESSAGE:
-            if msg.HasField(field.name) or field.name in required:
-                out[key] = message_to_json(value)
-        elif field.has_presence:
-            if msg.HasField(field.name):
-                out[key] = value
-        elif (desc.name, field.name) in WILDCARD_BELOW_ZERO and value <= 0:
+        if (name, field.name) in WILDCARD_BELOW_ZERO and value <= 0:
             continue
-        elif value != field.default_value or field.name in required:
-            out[key] = value
+        out[json_name(name, field.name)] = _to_json(msg, field, value)
+    for field_name in REQUIRED.get(name, ()):
+        key = json_name(name, field_name)
+        if key not in out:
+            field = desc.fields_by_name[field_name]
+            out[key] = _to_json(msg, field, getattr(msg, field_name))
     return out
+
+
+def _to_json(msg: Message, field: Any, value: Any) -> Any:
+    if _is_map(msg, field):
+        value_field = field.message_type.fields_by_name["value"]
+        return {k: _scalar_or_message(value_field, v) for k, v in value.items()}
+    if _is_repeated(field):
+        return [_scalar_or_message(field, v) for v in value]
+    return _scalar_or_message(field, value)
 
 
 def _scalar_or_message(field: Any, value: Any) -> Any:
