@@ -211,7 +211,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Summary]]) -> 
         "|---" * (len(kinds) + 1) + "|",
     ]
     for via, by_kind in results.items():
-        runc = by_kind["runc"].last_ready if "runc" in by_kind else float("nan")
+        runc = by_kind["runc"].last_ready if "runc" in by_kind else 0.0  # no ratio without runc
         last = [
             f"{by_kind[k].last_ready:.1f} s"
             + (f" ({by_kind[k].last_ready / runc:.0f}x runc)" if k != "runc" and runc else "")
