@@ -250,7 +250,7 @@ class Qemu:
                     "qemu",
                     self.argv(),
                     stderr=qemu_log.fileno(),
-                    pass_fds=(*self.config.pass_fds, *(n.fd for n in self.config.nics)),
+                    pass_fds=tuple(n.fd for n in self.config.nics),
                     cgroup=self.config.cgroup,
                 )
             nursery.start_soon(self._watch, self._qemu)
@@ -600,7 +600,7 @@ class Qemu:
                 argv += nic.device_args(cfg.machine)
         if cfg.incoming:
             argv += ["-incoming", "defer"]  # loaded over QMP (``_restore``)
-        return [*argv, *cfg.extra_args]
+        return argv
 
     def _ram_backend(self, name: str, mib: int) -> str:
         """Guest RAM that other processes can map: a memfd, or a file of ``memory_dir``."""

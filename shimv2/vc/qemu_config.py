@@ -163,9 +163,6 @@ class QemuConfig:
     debug_console: bool = False
     # The pod's NICs: each a tap QEMU gets as an open fd (same number).
     nics: tuple[Nic, ...] = ()
-    # More arguments for QEMU, and fds they name (kept open in QEMU, same numbers).
-    extra_args: tuple[str, ...] = ()
-    pass_fds: tuple[int, ...] = ()
     # The sandbox's cgroup (its cgroup.procs files): QEMU and virtiofsd start in it.
     cgroup: tuple[str, ...] = ()
     # Guest RAM as files in this directory (tmpfs), mapped shared: a template's

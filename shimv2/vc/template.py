@@ -58,8 +58,6 @@ def template_config(config: QemuConfig) -> QemuConfig:
     return dataclasses.replace(
         config,
         shared_dir=None,
-        extra_args=(),
-        pass_fds=(),
         cgroup=(),
         memory_dir=None,
         incoming=None,
