@@ -62,11 +62,24 @@ HEADS = {
 }
 
 
-def templated_runtime(where: Path, shm: Path, server: str = "") -> tuple[Path, Path]:
+def templated_runtime(
+    where: Path,
+    shm: Path,
+    server: str = "",
+    *,
+    state_dir: Path | None = None,
+    template: bool = True,
+) -> tuple[Path, Path]:
     """A configuration with templates on, and a shim wrapper that uses it (and, with
-    ``server``, warm shims from the server there)."""
+    ``server``, warm shims from the server there). ``state_dir``: the shims' own
+    state directory; ``template=False``: cold boots."""
     config = where / "configuration.toml"
-    config.write_text(f'[factory]\nenable_template = true\ntemplate_path = "{shm}/template"\n')
+    text = (
+        f'[factory]\nenable_template = {str(template).lower()}\ntemplate_path = "{shm}/template"\n'
+    )
+    if state_dir is not None:
+        text += f'[runtime]\nstate_dir = "{state_dir}"\n'
+    config.write_text(text)
     wrapper = where / f"containerd-shim-kpytemplate{'warm' if server else ''}-v2"
     warm = f"KATA_PY_SHIM_SERVER={server} " if server else ""
     wrapper.write_text(f'#!/bin/sh\n{warm}KATA_PY_CONFIG={config} exec {SHIM} "$@"\n')

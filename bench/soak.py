@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import private_containerd, runtimes  # noqa: E402
+from _common import private_containerd  # noqa: E402
 from factory import factory_cli, templated_runtime  # noqa: E402
 
 from tests.e2e.soak import Soak  # noqa: E402
@@ -47,15 +47,18 @@ def main() -> int:
     parser.add_argument("--ctr", default="/usr/bin/ctr")
     args = parser.parse_args()
     shm = Path("/dev/shm") / f"kpy-soak-{uuid.uuid4().hex[:6]}"
+    # Its own state directory: what it counts is its own, whatever else runs VMs here.
+    state = Path("/run") / shm.name
     failures: list[str] = []
     try:
         with tempfile.TemporaryDirectory(prefix="kpy-soak-") as tmp:
-            config, wrapper = templated_runtime(Path(tmp), shm)
+            config, wrapper = templated_runtime(
+                Path(tmp), shm, state_dir=state, template=not args.cold
+            )
             if not args.cold:
                 factory_cli(config, "init")
-            runtime = runtimes(args.containerd)["kata-py"] if args.cold else str(wrapper)
             with private_containerd(args.containerd, args.ctr) as cd:
-                soak = Soak(cd, runtime, pods=args.pods)
+                soak = Soak(cd, str(wrapper), pods=args.pods, state=state)
                 baseline = soak.start()
                 t0 = time.monotonic()
                 stop = _stop_requested()
@@ -81,6 +84,7 @@ def main() -> int:
                 total = time.monotonic() - t0
     finally:
         shutil.rmtree(shm, ignore_errors=True)
+        shutil.rmtree(state, ignore_errors=True)
     samples = soak.samples
     print(
         f"\n{len(samples)} cycles of {args.pods} pods in {total / 60:.1f} min "

@@ -37,15 +37,17 @@ class Counts:
     sockets: int
 
     @classmethod
-    def now(cls, cd: Containerd) -> Counts:
+    def now(cls, cd: Containerd, state: Path = STATE) -> Counts:
+        """``state``: kata-py's state directory; VM processes are counted by it (their
+        command lines hold their run directories under it)."""
         tasks = [ln for ln in cd.ctr("task", "ls").stdout.splitlines()[1:] if ln.strip()]
         with open("/proc/self/mountinfo") as f:
-            mounts = [ln for ln in f if ln.split()[4].startswith(f"{STATE}/")]
-        sbs = STATE / "sbs"
+            mounts = [ln for ln in f if ln.split()[4].startswith(f"{state}/")]
+        sbs = state / "sbs"
         return cls(
             tasks=len(tasks),
             shims=len(shim_pids()),
-            vm_processes=len(vm_processes("kata-py")),
+            vm_processes=len(vm_processes(f"{state}/")),
             state_dirs=len(os.listdir(sbs)) if sbs.exists() else 0,
             mounts=len(mounts),
             sockets=len(shim_sockets()),
@@ -68,11 +70,12 @@ class Soak:
     pods: int = 2
     samples: list[Sample] = field(default_factory=list)
     long_lived: str = field(default_factory=lambda: f"soak{uuid.uuid4().hex[:6]}")
+    state: Path = STATE  # the shims' state directory (their configuration's)
 
     def start(self) -> Counts:
         """Start the long-lived pod; what the host holds with it alone."""
         self.cd.ctr("run", "-d", "--runtime", self.runtime, IMAGE, self.long_lived, "sleep", "1d")
-        return Counts.now(self.cd)
+        return Counts.now(self.cd, self.state)
 
     def shim_pid(self) -> int:
         pids = [p for p in shim_pids() if self.long_lived in _cmdline(p)]
@@ -86,7 +89,9 @@ class Soak:
             list(pool.map(self._one_pod, names))
         self._exec(self.long_lived, f"l{n}")
         pid = self.shim_pid()
-        sample = Sample(n, time.monotonic() - t0, Counts.now(self.cd), _fds(pid), _rss_mib(pid))
+        sample = Sample(
+            n, time.monotonic() - t0, Counts.now(self.cd, self.state), _fds(pid), _rss_mib(pid)
+        )
         self.samples.append(sample)
         return sample
 
