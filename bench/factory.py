@@ -53,8 +53,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIM = "/usr/local/bin/containerd-shim-kata-py-v2"
 IDLE = ["sleep", "100000"]
 SETTLE = 5.0
-KINDS = ("warm", "template", "cold", "runc")
+KINDS = ("cache", "warm", "template", "cold", "runc")
 HEADS = {
+    "cache": "kata-py, VM cache + warm shims",
     "warm": "kata-py, template + warm shims",
     "template": "kata-py, template",
     "cold": "kata-py, cold",
@@ -69,18 +70,23 @@ def templated_runtime(
     *,
     state_dir: Path | None = None,
     template: bool = True,
+    cache: int = 0,
 ) -> tuple[Path, Path]:
     """A configuration with templates on, and a shim wrapper that uses it (and, with
     ``server``, warm shims from the server there). ``state_dir``: the shims' own
-    state directory; ``template=False``: cold boots."""
-    config = where / "configuration.toml"
+    state directory; ``template=False``: cold boots; ``cache``: a VM cache that size,
+    served on ``where/cache.sock`` (``kata-py factory init`` runs it)."""
+    config = where / f"configuration{'-cache' if cache else ''}.toml"
     text = (
         f'[factory]\nenable_template = {str(template).lower()}\ntemplate_path = "{shm}/template"\n'
     )
+    if cache:
+        text += f'vm_cache_number = {cache}\nvm_cache_endpoint = "{where}/cache.sock"\n'
     if state_dir is not None:
         text += f'[runtime]\nstate_dir = "{state_dir}"\n'
     config.write_text(text)
-    wrapper = where / f"containerd-shim-kpytemplate{'warm' if server else ''}-v2"
+    kind = ("warm" if server else "") + ("cache" if cache else "")
+    wrapper = where / f"containerd-shim-kpytemplate{kind}-v2"
     warm = f"KATA_PY_SHIM_SERVER={server} " if server else ""
     wrapper.write_text(f'#!/bin/sh\n{warm}KATA_PY_CONFIG={config} exec {SHIM} "$@"\n')
     wrapper.chmod(0o755)
@@ -102,6 +108,40 @@ def shim_server(path: Path) -> Iterator[None]:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+@contextlib.contextmanager
+def vm_cache(config: Path, endpoint: Path) -> Iterator[None]:
+    """``kata-py factory init`` with a VM cache in ``config``: its server, for the run."""
+    argv = [sys.executable, "-m", "shimv2.cli", "--config", str(config), "factory", "init"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_cache(endpoint, 1, proc)
+        yield
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def wait_for_cache(endpoint: Path, ready: int, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until the VM cache on ``endpoint`` holds ``ready`` VMs (up to 5 min)."""
+    import trio
+
+    from shimv2.vc.vm_cache import ask
+
+    async def count() -> int:
+        stream, reply = await ask(endpoint, {"op": "status"})
+        await stream.aclose()
+        return len(reply.get("ready", []))
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError("the VM cache server exited")
+        if endpoint.exists() and trio.run(count) >= ready:
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"the VM cache on {endpoint} did not fill to {ready}")
 
 
 def factory_cli(config: Path, action: str) -> subprocess.CompletedProcess[str]:
@@ -132,9 +172,19 @@ def pod_memory(cd: Containerd, runtime: str, clones: Path) -> dict[str, float]:
     cd.ctr("run", "-d", "--runtime", runtime, IMAGE, name, *IDLE)
     try:
         time.sleep(SETTLE)
-        copy = clones / name
+        vm_id = _vm_id(name)
+        copy = clones / (vm_id or name)
         usage: dict[str, float] = {}
-        for role, pids in pod_roles(name, processes()).items():
+        procs = processes()
+        roles = pod_roles(name, procs)
+        if vm_id:  # a cached VM: its QEMU and vsock backend are the cache server's children
+            for p in procs.values():
+                line = " ".join(p.argv)
+                if f"kata-py-{vm_id}" in p.argv:
+                    roles.setdefault("qemu", []).append(p.pid)
+                elif "vhost-device-vsock" in line and f"/vm/{vm_id}/" in line:
+                    roles.setdefault("vsock", []).append(p.pid)
+        for role, pids in roles.items():
             for pid in pids:
                 guest = guest_pss_mib(pid, ram_dirs=(str(copy),))
                 own = pss_mib(pid) - guest["guest_ram"] - guest["guest_image"]
@@ -148,6 +198,15 @@ def pod_memory(cd: Containerd, runtime: str, clones: Path) -> dict[str, float]:
         return usage
     finally:
         remove_task(cd, name)
+
+
+def _vm_id(name: str) -> str:
+    """A pod's VM id when it is not the pod's own (a cached VM's)."""
+    try:
+        state = json.loads(Path(f"/run/kata-py/sbs/{name}/state.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return str(state.get("vm_id", ""))
 
 
 def allocated_mib(path: Path) -> float:
@@ -167,6 +226,10 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="kpy-factory-") as tmp:
             config, wrapper = templated_runtime(Path(tmp), shm)
             _, warm_wrapper = templated_runtime(Path(tmp), shm, f"{tmp}/shims.sock")
+            cache_config, cache_wrapper = templated_runtime(
+                Path(tmp), shm, f"{tmp}/shims.sock", cache=args.pods
+            )
+            endpoint = Path(tmp) / "cache.sock"
             t0 = time.monotonic()
             factory_cli(config, "init")
             build = time.monotonic() - t0
@@ -174,6 +237,7 @@ def main() -> int:
             with (
                 private_containerd(args.containerd, args.ctr) as cd,
                 shim_server(Path(tmp) / "shims.sock"),
+                vm_cache(cache_config, endpoint),
             ):
                 base = runtimes(args.containerd)
                 kinds = {
@@ -181,9 +245,15 @@ def main() -> int:
                     "cold": base["kata-py"],
                     "template": str(wrapper),
                     "warm": str(warm_wrapper),
+                    "cache": str(cache_wrapper),
                 }
                 times = alternating_runs(cd, kinds, args.n)
-                together = {k: parallel_start(cd, r, args.pods) for k, r in kinds.items()}
+                together = {}
+                for k, r in kinds.items():
+                    if k == "cache":  # as many VMs ready as pods to start
+                        wait_for_cache(endpoint, args.pods)
+                    together[k] = parallel_start(cd, r, args.pods)
+                wait_for_cache(endpoint, 1)
                 memory = {
                     k: pod_memory(cd, r, shm / "clones") for k, r in kinds.items() if k != "runc"
                 }

@@ -20,8 +20,12 @@ import sys
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import trio
+
+if TYPE_CHECKING:
+    from shimv2.vc.config import Config
 
 
 def package_version() -> str:
@@ -325,7 +329,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     sid = sandbox_id(args.sandbox)
     if sid not in store.list():
         raise NotFound(f"no sandbox {sid}")
-    path = debug_console_socket(store.vm_dir(sid))
+    path = debug_console_socket(store.vm_dir(store.load(sid).vm_id or sid))
     if not path.exists():
         raise FailedPrecondition(
             f"sandbox {sid} has no debug console: set debug_console_enabled = true "
@@ -431,15 +435,29 @@ def cmd_factory(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     path = config.factory.template_path
     qemu = config.qemu(None)
+    cache_size = config.factory.vm_cache_number
     if args.action == "init":
-        built = trio.run(template.build_template, qemu, path)
-        print(f"template {built.name} ready in {built.parent}")
-        if not config.factory.enable_template:
-            print("pods use it once [factory] enable_template = true")
+        if config.factory.enable_template or not cache_size:
+            built = trio.run(template.build_template, qemu, path)
+            print(f"template {built.name} ready in {built.parent}", flush=True)
+            if not config.factory.enable_template:
+                print("pods use it once [factory] enable_template = true")
+        if cache_size:
+            return _serve_vm_cache(config)
         return 0
     if args.action == "destroy":
+        if trio.run(_ask_vm_cache, config.factory.vm_cache_endpoint, "quit") is not None:
+            print(f"stopped the VM cache on {config.factory.vm_cache_endpoint}")
         print(f"removed {template.destroy_templates(path)} template(s) from {path}")
         return 0
+    cache = trio.run(_ask_vm_cache, config.factory.vm_cache_endpoint, "status")
+    if cache is not None:
+        print(
+            f"vm cache: {len(cache.get('ready', []))} of {cache.get('number')} ready, "
+            f"{cache.get('handed_out')} handed out; {config.factory.vm_cache_endpoint}"
+        )
+    elif cache_size:
+        print(f"vm cache: no server on {config.factory.vm_cache_endpoint} (kata-py factory init)")
     key = template.template_key(qemu)
     templates = template.list_templates(path)
     state = "enabled" if config.factory.enable_template else "disabled"
@@ -454,6 +472,64 @@ def cmd_factory(args: argparse.Namespace) -> int:
         print("no template matches this configuration: pods boot cold (kata-py factory init)")
         return 1
     return 0
+
+
+def _serve_vm_cache(config: Config) -> int:
+    """Kata's VM cache server, in the foreground until SIGTERM, SIGINT or ``destroy``."""
+    import logging
+    import signal
+
+    from shimv2.vc.api import factory_for
+    from shimv2.vc.persist import Store
+    from shimv2.vc.vm_cache import VmCache
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    cache = VmCache(
+        config.qemu(None),
+        factory_for(config, cache=False),
+        number=config.factory.vm_cache_number,
+        endpoint=config.factory.vm_cache_endpoint,
+        vm_dir=Store(config.runtime.state_dir).vm_dir,
+        dial_timeout=config.agent.dial_timeout,
+    )
+
+    async def main() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with trio.open_nursery() as nursery:
+
+                async def serve(*, task_status: trio.TaskStatus[None]) -> None:
+                    await cache.serve(task_status=task_status)
+                    nursery.cancel_scope.cancel()
+
+                async def quit_on_signal() -> None:
+                    async for _ in signals:
+                        cache.quit()
+
+                await nursery.start(serve)
+                print(f"vm cache: keeping {cache.number} VM(s) on {cache.endpoint}", flush=True)
+                nursery.start_soon(quit_on_signal)
+
+    trio.run(main)
+    return 0
+
+
+async def _ask_vm_cache(endpoint: str, op: str) -> dict[str, Any] | None:
+    """The VM cache server's answer to ``op``; None when none runs there."""
+    from shimv2.vc.vm_cache import ask
+
+    if not os.path.exists(endpoint):
+        return None
+    try:
+        stream, reply = await ask(endpoint, {"op": op})
+    except (OSError, trio.TooSlowError):
+        return None
+    await stream.aclose()
+    if op == "quit":
+        for _ in range(600):  # up to 60 s: it stops the VMs it holds, then unlinks it
+            if not os.path.exists(endpoint):
+                break
+            await trio.sleep(0.1)
+    return reply
 
 
 def build_parser() -> argparse.ArgumentParser:

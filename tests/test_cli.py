@@ -19,6 +19,7 @@ import pytest
 
 from shimv2 import cli
 from shimv2.guest_protocol import SHELL_EXITED_END, SHELL_EXITED_PREFIX, shell_exited
+from shimv2.vc.persist import SandboxState
 from shimv2.vc.qemu_config import default_guest_dir
 from shimv2.vc.testing import FakeDebugConsole
 from tests.leaks import vm_processes
@@ -226,7 +227,8 @@ def test_exec_without_a_debug_console_says_how_to_get_one(
     assert cli.main(["--config", str(config), "exec", "nosuch"]) == 2
     assert "no sandbox nosuch" in capsys.readouterr().err
     (tmp_path / "state" / "sbs" / "pod1").mkdir(parents=True)
-    (tmp_path / "state" / "sbs" / "pod1" / "state.json").write_text("{}")
+    state = SandboxState(id="pod1", state="running")
+    (tmp_path / "state" / "sbs" / "pod1" / "state.json").write_text(state.to_json())
     assert cli.main(["--config", str(config), "exec", "pod1"]) == 2
     assert "debug_console_enabled = true" in capsys.readouterr().err
 

@@ -38,13 +38,22 @@ from shimv2.vc.tracing import Tracer, default_tracer
 log = logging.getLogger(__name__)
 
 
-def factory_for(config: Config) -> Factory:
-    """Where pods get their VMs: clones of a template when enabled, else a cold boot."""
+def factory_for(config: Config, *, cache: bool = True) -> Factory:
+    """Where pods get their VMs: from the VM cache when there is one, else clones of a
+    template when enabled, else a cold boot (each the fallback of the one before)."""
+    factory: Factory = DirectFactory()
     if config.factory.enable_template:
         from shimv2.vc.template import TemplateFactory
 
-        return TemplateFactory(config.factory.template_path)
-    return DirectFactory()
+        factory = TemplateFactory(config.factory.template_path)
+    if cache and config.factory.vm_cache_number > 0:
+        from shimv2.vc.vm_cache import CacheFactory
+
+        store = Store(config.runtime.state_dir)
+        factory = CacheFactory(
+            config.factory.vm_cache_endpoint, store.vm_dir, config.factory.template_path, factory
+        )
+    return factory
 
 
 class VirtContainers:
@@ -111,7 +120,7 @@ class VirtContainers:
             for c in list(sandbox.containers.values()):
                 with contextlib.suppress(Exception):
                     await sandbox.unmount_storage(c)
-            self.store.remove(sandbox.id)
+            self.store.remove(sandbox.id, sandbox.state.vm_id)
             self._live.pop(sandbox.id, None)
 
     async def run_sandbox(self, config: SandboxConfig) -> Sandbox:
@@ -167,10 +176,11 @@ class VirtContainers:
         state = sandbox.state
         qemu_config = self.config.qemu(state.shared_dir or None)
         try:
+            vm_id = state.vm_id or state.id  # a cached VM keeps its own id
             vm = await Qemu.adopt(
-                state.id,
+                vm_id,
                 qemu_config,
-                self.store.vm_dir(state.id),
+                self.store.vm_dir(vm_id),
                 state.qemu_pid,
                 state.virtiofsd_pid,
                 state.vsock_cid,

@@ -48,6 +48,7 @@ GUEST_OVERHEAD_MIB = 128
 # Room for the operator's parameters within the guest's 2048-byte command line,
 # after ours (see shimv2.vc.qemu).
 CONFIG_PARAMS_MAX = 1024
+MAX_VM_CACHE = 64  # VMs a cache may hold: each is a pod's worth of memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +155,10 @@ class FactoryConfig:
     enable_template: bool = False
     # On a tmpfs: the templates' RAM; clones copy theirs beside, in ../clones.
     template_path: str = "/dev/shm/kata-py/template"
+    # VMs kept started ahead by ``kata-py factory init`` (shimv2.vc.vm_cache),
+    # served to the shims on the endpoint; 0: none.
+    vm_cache_number: int = 0
+    vm_cache_endpoint: str = "/run/kata-py/cache.sock"
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,11 +235,8 @@ def parse_config(text: str, source: str = "<config>") -> Config:
     if qemu.get("initrd") and "image" not in qemu:  # as in Kata: an initrd means no image
         qemu["image"] = ""
     factory = dict(doc.get("factory", {}))
-    for key in ("vm_cache_number", "vm_cache_endpoint"):
-        if key in factory:  # Kata's cache of pre-booted VMs: templates replace it here
-            raise InvalidArgument(
-                f"{source}: factory.{key}: the VM cache is not implemented; use enable_template"
-            )
+    if factory.get("vm_cache_number") == 0:  # Kata's default, written out: no cache
+        del factory["vm_cache_number"]
     config = Config(
         hypervisor=_section(HypervisorConfig, qemu, "hypervisor.qemu"),
         agent=_section(AgentConfig, agent.get("kata", {}), "agent.kata"),
@@ -242,6 +244,10 @@ def parse_config(text: str, source: str = "<config>") -> Config:
         factory=_section(FactoryConfig, factory, "factory"),
     )
     config.hypervisor.check_root(f"{source}: hypervisor.qemu")
+    if config.factory.vm_cache_number > MAX_VM_CACHE:
+        raise InvalidArgument(f"{source}: factory.vm_cache_number: at most {MAX_VM_CACHE}")
+    if not os.path.isabs(config.factory.vm_cache_endpoint):
+        raise InvalidArgument(f"{source}: factory.vm_cache_endpoint: want an absolute path")
     _check_config_kernel_params(config.hypervisor.kernel_params, source)
     bad = set(config.hypervisor.enable_annotations) - ANNOTATABLE
     if bad:

@@ -32,7 +32,7 @@ from shimv2.errdefs import (
     ResourceExhausted,
 )
 from shimv2.vc import safefs, storage
-from shimv2.vc.ids import sandbox_id
+from shimv2.vc.ids import check_id, sandbox_id
 
 STATE_VERSION = 1
 LOCK_TIMEOUT = 30.0
@@ -55,6 +55,7 @@ class SandboxState:
     id: str
     state: str  # ready | running | paused | stopped
     vm_dir: str = ""
+    vm_id: str = ""  # the VM's own id, when not the sandbox's (a cached VM's); its -name
     qemu_pid: int = 0
     virtiofsd_pid: int = 0
     # Their start times (``procs.process_start_time``): with the pid, what tells
@@ -156,20 +157,24 @@ class Store:
                 f"sandbox {state.id}: cannot save its state: {exc.strerror}"
             ) from None
 
-    def remove(self, sid: str) -> None:
-        """Remove the sandbox's directories, never following a link nor crossing a mount.
+    def remove(self, sid: str, vm_id: str = "") -> None:
+        """Remove the sandbox's directories, never following a link nor crossing a mount;
+        and its VM's, by the VM's own id (``SandboxState.vm_id``) when it has one.
 
         The shared views are detached first; anything else still mounted
         stops the removal with FailedPrecondition and loses nothing.
         """
         sid = sandbox_id(sid)
         storage.release_shared(self.sandbox_dir(sid))
-        for parent in (self.sbs, self.root / "vm"):
+        removals = [(self.sbs, sid), (self.root / "vm", sid)]
+        if vm_id:
+            removals.append((self.root / "vm", check_id(vm_id, "VM id")))
+        for parent, name in removals:
             with (
                 contextlib.suppress(FileNotFoundError),
                 safefs.opened(safefs.open_root(parent)) as fd,
             ):
-                safefs.remove_tree(fd, sid)
+                safefs.remove_tree(fd, name)
 
     @asynccontextmanager
     async def locked(

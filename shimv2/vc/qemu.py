@@ -89,6 +89,7 @@ class Qemu:
         self._console_scope: trio.CancelScope | None = None
         self._console_done = trio.Event()
         self.restored = False  # booted from a template's state, not cold
+        self._released = False  # handed to another process (``release``)
 
     # -- paths -------------------------------------------------------------
 
@@ -212,8 +213,12 @@ class Qemu:
     def _shared_ram(self) -> bool:
         """Guest RAM other processes map: virtiofsd, a vsock backend, a template's files."""
         cfg = self.config
+        # late_devices: a template, a clone, or a cached VM that gets virtio-fs later.
         return (
-            cfg.shared_dir is not None or bool(cfg.memory_dir) or self._channel() == "hybrid-vsock"
+            cfg.shared_dir is not None
+            or bool(cfg.memory_dir)
+            or cfg.late_devices
+            or self._channel() == "hybrid-vsock"
         )
 
     # -- lifecycle ---------------------------------------------------------
@@ -331,7 +336,7 @@ class Qemu:
             return
         raise Unavailable(f"vm {self.vm_id}: restore took over {RESTORE_TIMEOUT:g}s")
 
-    async def _plug_late_devices(self) -> None:
+    async def _plug_late_devices(self, *, with_vsock: bool = True) -> None:
         """virtio-fs on the first root port, then the NICs; the guest's pciehp finds them."""
         qmp = self.qmp
         if self.config.shared_dir is not None:
@@ -342,7 +347,7 @@ class Qemu:
             )  # fmt: skip
         for i, nic in enumerate(self.config.nics, start=1):
             await qmp.execute("device_add", nic.device_add(f"rp{i}"))
-        if self._late_vsock():
+        if with_vsock and self._late_vsock():
             # The template's agent listens on vsock already (``kernel_cmdline``);
             # the clone's CID is its own, given here.
             vsock: dict[str, object] = {"id": "vsock0", "bus": LATE_VSOCK_PORT}
@@ -351,6 +356,57 @@ class Qemu:
             else:
                 vsock |= {"driver": "vhost-user-vsock-pci", "chardev": "vsock"}
             await qmp.execute("device_add", vsock)
+
+    async def release(self) -> None:
+        """Let another process take this running VM over (``shimv2.vc.vm_cache``).
+
+        QMP and the console each serve one client, so both are let go; the
+        processes run on, and ``_watch`` still reaps them (they are our children).
+        """
+        self._released = True
+        if self._console_scope is not None:
+            self._console_scope.cancel()
+            with trio.move_on_after(1):
+                await self._console_done.wait()
+        if self._qmp is not None:
+            await self._qmp.aclose()
+            self._qmp = None
+
+    async def join_pod(self, nursery: trio.Nursery) -> None:
+        """A VM started for no pod (a cached one, adopted) becomes this pod's.
+
+        Its processes move into the pod's cgroup (what they hold already stays
+        charged where it was), then it gets the pod's virtio-fs, with a
+        virtiofsd of its own, and NICs, on the root ports a late-device VM has.
+        """
+        cfg = self.config
+        if not cfg.late_devices:
+            raise FailedPrecondition(f"vm {self.vm_id}: only a late-device VM can join a pod")
+        for procs in cfg.cgroup:
+            for pid in (self.pid, self.vsock_backend_pid):
+                if pid:
+                    with open(procs, "w") as f:
+                        f.write(str(pid))
+        qmp = self.qmp
+        if cfg.shared_dir is not None:
+            self._virtiofsd = await start_virtiofsd(
+                self.virtiofs_path,
+                Path(cfg.shared_dir),
+                self.run_dir / "virtiofsd.log",
+                binary=cfg.virtiofsd,
+                cgroup=cfg.cgroup,
+            )
+            nursery.start_soon(self._watch_helper, self._virtiofsd)
+            path = {"type": "unix", "data": {"path": str(self.virtiofs_path)}}
+            backend = {"type": "socket", "data": {"addr": path, "server": False}}
+            await qmp.execute("chardev-add", {"id": "vfs", "backend": backend})
+        for nic in cfg.nics:
+            nic.validate()
+            await qmp.getfd(nic.netdev_id, nic.fd)
+            await qmp.execute(
+                "netdev_add", {"type": "tap", "id": nic.netdev_id, "fd": nic.netdev_id}
+            )
+        await self._plug_late_devices(with_vsock=False)
 
     @classmethod
     async def adopt(
@@ -446,7 +502,7 @@ class Qemu:
         """A VM whose virtiofsd died has lost its containers' root filesystems, and one
         whose vsock backend died has lost its agent: end it."""
         status = await helper.wait()
-        if self._exited.is_set() or self._stopping:
+        if self._exited.is_set() or self._stopping or self._released:
             return
         log.error("vm %s: %s exited (%d); stopping the VM", self.vm_id, helper.name, status)
         if self._qemu is not None:
@@ -482,7 +538,7 @@ class Qemu:
             with trio.CancelScope(shield=True), trio.move_on_after(1):
                 await self._console_done.wait()
         shutil.rmtree(self.run_dir, ignore_errors=True)
-        if self.config.incoming and self.config.memory_dir:
+        if (self.config.incoming or self.restored) and self.config.memory_dir:
             # A clone's RAM is its own copy of the template's (a template keeps its own).
             shutil.rmtree(self.config.memory_dir, ignore_errors=True)
 

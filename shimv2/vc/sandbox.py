@@ -195,6 +195,8 @@ class Sandbox:
 
     def _record_vm(self, vm: Qemu) -> None:
         endpoint = vm.agent_endpoint()
+        self.state.vm_dir = str(vm.run_dir)  # a cached VM's is its own
+        self.state.vm_id = vm.vm_id if vm.vm_id != self.id else ""
         self.state.qemu_pid = vm.pid or 0
         self.state.virtiofsd_pid = vm.virtiofsd_pid or 0
         self.state.qemu_start_time = vm.start_time
@@ -538,7 +540,7 @@ class Sandbox:
             c = self.containers[cid]
             await self.unmount_storage(c)
             del self.containers[cid]
-        self.store.remove(self.id)
+        self.store.remove(self.id, self.state.vm_id)
         memory_dir = self.state.hypervisor.get("memory_dir")
         if isinstance(memory_dir, str) and memory_dir:  # our own record, of our own copy
             shutil.rmtree(memory_dir, ignore_errors=True)
@@ -553,11 +555,12 @@ async def kill_recorded(state: SandboxState) -> None:
     belong to another sandbox's VM by now.
     """
     legacy_socket = ("--socket-path", str(Path(state.vm_dir) / "vfs.sock"))
+    vm_id = state.vm_id or state.id
     vm_dir = Path(state.vm_dir)
     backend = backend_argv_marker(vm_dir / "vhu.sock", vm_dir / "vsock.sock")  # Qemu's paths
     identities = (
         ProcessIdentity(state.vsock_backend_pid, state.vsock_backend_start_time, backend),
-        ProcessIdentity(state.qemu_pid, state.qemu_start_time, ("-name", f"kata-py-{state.id}")),
+        ProcessIdentity(state.qemu_pid, state.qemu_start_time, ("-name", f"kata-py-{vm_id}")),
         ProcessIdentity(
             state.virtiofsd_pid,
             state.virtiofsd_start_time,

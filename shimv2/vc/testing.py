@@ -29,6 +29,8 @@ from shimv2.pb.kata import agent_pb2, health_pb2
 from shimv2.ttrpc import CallContext, Method, Server, Service, open_unix_listener
 from shimv2.vc.config import Config, RuntimeConfig
 from shimv2.vc.persist import ContainerState, SandboxState, Store
+from shimv2.vc.qemu import Qemu
+from shimv2.vc.qemu_config import QemuConfig
 from shimv2.vc.sandbox import Sandbox
 
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
@@ -293,3 +295,17 @@ class FakeHybridBackend:
             await stream.send_all(self.reply)
             while data := await stream.receive_some(4096):
                 await stream.send_all(data)
+
+
+class RecordingFactory:
+    """A factory that starts nothing: it records who asked, and returns an unstarted VM
+    (the fallback a factory under test falls back to)."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def get_vm(
+        self, vm_id: str, config: QemuConfig, run_dir: Path, nursery: trio.Nursery
+    ) -> Qemu:
+        self.asked.append(vm_id)
+        return Qemu(vm_id, config, run_dir)

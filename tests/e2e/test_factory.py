@@ -156,3 +156,65 @@ def test_warm_shims_are_forked_by_the_server(templated: tuple[Containerd, Path])
         remove(cd, name)
     assert not os.path.exists(path)
     assert_nothing_left(before, cgroups_before)
+
+
+def test_pods_take_their_vms_from_the_vm_cache(templated: tuple[Containerd, Path]) -> None:
+    """``vm_cache_number``: ``factory init`` keeps a VM ready; a pod's shim adopts it,
+    and a SIGKILLed shim's ``delete`` cleans it up by the VM's own id."""
+    cd, shm = templated
+    before, cgroups_before = shim_sockets(), cgroup_dirs()
+    config = Path(cd.env["KATA_PY_CONFIG"])
+    plain = config.read_text()
+    endpoint = config.parent / "cache.sock"
+    config.write_text(
+        plain + f'vm_cache_number = 1\nvm_cache_endpoint = "{endpoint}"\n'
+    )  # the shims read it at start
+    cli = [sys.executable, "-m", "shimv2.cli", "--config", str(config), "factory"]
+    server = subprocess.Popen([*cli, "init"], cwd=ROOT, text=True)
+    name = cid()
+    try:
+        _wait_for_cached_vm(cli, server)
+        cd.ctr("run", "-d", "--runtime", RUNTIME, IMAGE, name, "sleep", "1000")
+        state = json.loads(Path(f"/run/kata-py/sbs/{name}/state.json").read_text())
+        vm_id = state["vm_id"]
+        assert vm_id.startswith("cache-")  # the cached VM's own id, kept for life
+        assert state["vm_dir"] == f"/run/kata-py/vm/{vm_id}"
+        assert (shm / "clones" / vm_id).is_dir()  # cached VMs are the template's clones
+        exec_out = cd.ctr("task", "exec", "--exec-id", "e1", name, "uname", "-r")
+        assert exec_out.stdout.strip() == GUEST_KERNEL
+        # The shim dies: containerd's `delete` finds the VM by its own id.
+        [shim] = shim_pids()
+        os.kill(shim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while vm_processes(f"kata-py-{vm_id}") or (shm / "clones" / vm_id).exists():
+            assert time.monotonic() < deadline, vm_processes(f"kata-py-{vm_id}")
+            time.sleep(0.5)
+        assert not Path(f"/run/kata-py/vm/{vm_id}").exists()
+        remove(cd, name)
+        # The cache has started the next one; a `ctr run --rm` takes it.
+        _wait_for_cached_vm(cli, server)
+        out = cd.ctr("run", "--rm", "--runtime", RUNTIME, IMAGE, cid(), "uname", "-r")
+        assert out.stdout.strip() == GUEST_KERNEL
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=60) == 0  # after stopping the VM it still held
+    finally:
+        config.write_text(plain)
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        remove(cd, name)
+    assert not endpoint.exists()
+    assert vm_processes("kata-py-cache-") == []
+    assert list((shm / "clones").iterdir()) == []
+    assert_nothing_left(before, cgroups_before)
+
+
+def _wait_for_cached_vm(cli: list[str], server: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 120
+    while True:
+        assert server.poll() is None, "the VM cache server exited"
+        status = subprocess.run([*cli, "status"], capture_output=True, text=True, cwd=ROOT)
+        if "vm cache: 1 of 1 ready" in status.stdout:
+            return
+        assert time.monotonic() < deadline, status.stdout
+        time.sleep(0.5)

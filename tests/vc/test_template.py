@@ -35,6 +35,7 @@ from shimv2.vc.qemu import Qemu
 from shimv2.vc.qemu_config import Nic, QemuConfig
 from shimv2.vc.sandbox import SandboxConfig
 from shimv2.vc.template import TemplateFactory, template_key
+from shimv2.vc.testing import RecordingFactory
 from shimv2.vc.vsock import default_backend, resolve_channel
 from tests.guest.rootfs import build_rootfs, make_spec
 from tests.leaks import RecordingCgroups
@@ -144,7 +145,7 @@ def test_a_pods_nics_are_on_its_command_line_and_a_clones_are_plugged(tmp_path: 
     assert "virtio-net-pci,netdev=n0,mac=02:00:00:00:00:01,romfile=" in q35
 
 
-def test_templates_must_live_on_tmpfs_and_the_vm_cache_is_refused(tmp_path: Path) -> None:
+def test_templates_must_live_on_tmpfs(tmp_path: Path) -> None:
     with pytest.raises(errdefs.InvalidArgument, match="not on a tmpfs"):
         trio.run(template.build_template, QemuConfig(), "/var/tmp/kpy-not-tmpfs/template")
     assert not os.path.exists("/var/tmp/kpy-not-tmpfs")
@@ -152,27 +153,12 @@ def test_templates_must_live_on_tmpfs_and_the_vm_cache_is_refused(tmp_path: Path
     assert config.factory == FactoryConfig(enable_template=True, template_path="/dev/shm/t")
     assert isinstance(factory_for(config), TemplateFactory)
     assert isinstance(factory_for(Config()), DirectFactory)
-    with pytest.raises(errdefs.InvalidArgument, match="VM cache is not implemented"):
-        parse_config("[factory]\nvm_cache_number = 2\n")
-
-
-class ColdFactory:
-    """A fallback that records being asked, for the unit test of the fallback."""
-
-    def __init__(self) -> None:
-        self.asked: list[str] = []
-
-    async def get_vm(
-        self, vm_id: str, config: QemuConfig, run_dir: Path, nursery: trio.Nursery
-    ) -> Qemu:
-        self.asked.append(vm_id)
-        return Qemu(vm_id, config, run_dir)
 
 
 async def test_no_template_means_a_cold_boot_not_an_error(
     tmp_path: Path, nursery: trio.Nursery
 ) -> None:
-    cold = ColdFactory()
+    cold = RecordingFactory()
     factory = TemplateFactory(Path("/dev/shm") / f"kpy-{uuid.uuid4().hex[:8]}" / "t", cold)
     vm = await factory.get_vm("sbx", QemuConfig(), tmp_path, nursery)
     assert cold.asked == ["sbx"]

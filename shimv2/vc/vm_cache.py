@@ -1,0 +1,437 @@
+"""Kata's VM cache (``vm_cache_number``): VMs started ahead, handed to shims.
+
+A server (``kata-py factory init`` with ``vm_cache_number`` > 0, in the
+foreground) keeps that many VMs running, each cloned from the template (or
+booted cold without one) with no pod yet, its agent already answering. A shim's
+``CacheFactory`` asks it over ``vm_cache_endpoint`` for one that matches the
+pod's configuration. The server lets go of the VM (QMP and its console serve one
+client) and replies with what identifies its processes; the shim adopts them
+(``Qemu.adopt``: pid, start time and exact ``-name``), makes the VM the pod's
+(``Qemu.join_pod``: its cgroup, virtio-fs with its own virtiofsd, NICs) and
+acknowledges. A VM not acknowledged is killed by the server. A miss, an absent
+server or any failure falls back to the next factory, logged, never an error.
+
+Only root may ask or answer (``SO_PEERCRED``), and each side bounds what it
+reads. The shim trusts the reply's ids no further than they are checked: the
+VM's run directory and RAM copy are derived from its id, never taken as paths.
+
+A cached VM keeps its own id (``cache-…``) for life: its run directory and
+``-name``. A pod records it (``SandboxState.vm_id``) for recovery and cleanup.
+The server is the VMs' parent and reaps them, handed out or not; they outlive it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import socket
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from shimv2.errdefs import Error, InvalidArgument, PermissionDenied, Unavailable
+from shimv2.vc.agent import connect_agent
+from shimv2.vc.factory import Factory
+from shimv2.vc.ids import check_id
+from shimv2.vc.qemu import Qemu
+from shimv2.vc.qemu_config import QemuConfig
+from shimv2.vc.ratelimit import Backoff
+from shimv2.vc.template import clones_dir, template_key
+from shimv2.vc.vsock import resolve_channel
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 4096  # a request or a reply: one JSON object on one line
+ASK_TIMEOUT = 10.0  # the shim's wait for the server's reply
+ACK_TIMEOUT = 30.0  # the server's wait for the shim to have adopted the VM
+READ_TIMEOUT = 5.0  # the server's wait for a request
+CHANNELS = ("serial", "vsock", "hybrid-vsock")
+ID_PREFIX = "cache-"
+_UCRED = struct.Struct("3i")
+
+
+def cache_key(config: QemuConfig) -> str:
+    """What a cached VM must share with the pod: its template's key and agent channel.
+
+    The template key covers the guest's files, size and devices; the channel is
+    a device a cached VM already has.
+    """
+    channel = resolve_channel(config.agent_channel, config.vsock_backend)
+    return f"{template_key(config)}-{channel}"
+
+
+def cache_vm_config(config: QemuConfig) -> QemuConfig:
+    """A VM for no pod yet: no share, NICs or cgroup; root ports for them later."""
+    return dataclasses.replace(config, shared_dir=None, nics=(), cgroup=(), late_devices=True)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CachedVm:
+    """A cached VM as the server hands it over: what identifies its processes."""
+
+    id: str
+    pid: int
+    start_time: int
+    channel: str
+    vsock_cid: int = 0
+    vsock_backend_pid: int = 0
+    vsock_backend_start_time: int = 0
+    accelerator: str = ""
+    restored: bool = False  # a template's clone: its RAM copy is clones/<id>
+
+    @classmethod
+    def of(cls, vm: Qemu) -> CachedVm:
+        return cls(
+            id=vm.vm_id,
+            pid=vm.pid or 0,
+            start_time=vm.start_time,
+            channel=vm.channel or "serial",
+            vsock_cid=vm.agent_endpoint().vsock_cid or 0,
+            vsock_backend_pid=vm.vsock_backend_pid or 0,
+            vsock_backend_start_time=vm.vsock_backend_start_time,
+            accelerator=vm.accelerator or "",
+            restored=vm.restored,
+        )
+
+    @classmethod
+    def from_dict(cls, raw: object) -> CachedVm:
+        """Checked field by field: InvalidArgument on anything unexpected."""
+        if not isinstance(raw, dict) or set(raw) - {f.name for f in dataclasses.fields(cls)}:
+            raise InvalidArgument(f"vm cache: a malformed VM record: {str(raw)[:200]}")
+        try:
+            vm = cls(**raw)
+        except TypeError as exc:
+            raise InvalidArgument(f"vm cache: a malformed VM record: {exc}") from None
+        ints = (vm.pid, vm.start_time, vm.vsock_cid, vm.vsock_backend_pid,
+                vm.vsock_backend_start_time)  # fmt: skip
+        if (
+            not isinstance(vm.id, str)
+            or not vm.id.startswith(ID_PREFIX)
+            or not all(type(n) is int and 0 <= n < 1 << 63 for n in ints)
+            or vm.pid <= 1
+            or vm.start_time <= 0
+            or vm.channel not in CHANNELS
+            or not isinstance(vm.accelerator, str)
+            or len(vm.accelerator) > 16
+            or not isinstance(vm.restored, bool)
+        ):
+            raise InvalidArgument(f"vm cache: a malformed VM record: {str(raw)[:200]}")
+        check_id(vm.id, "cached VM id")
+        return vm
+
+
+# -- the wire: one JSON object per line, bounded, between root processes --------------
+
+
+def peer_uid(sock: socket.socket) -> int:
+    uid: int = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[2]
+    return uid
+
+
+async def read_message(stream: trio.SocketStream) -> dict[str, Any]:
+    """One line of JSON, at most ``MAX_LINE`` bytes; InvalidArgument otherwise."""
+    buf = b""
+    while b"\n" not in buf:
+        chunk = await stream.receive_some(MAX_LINE + 1 - len(buf))
+        if not chunk:
+            raise Unavailable("vm cache: the connection closed mid-message")
+        buf += chunk
+        if len(buf) > MAX_LINE and b"\n" not in buf:
+            raise InvalidArgument(f"vm cache: a message over {MAX_LINE} bytes")
+    line, _, rest = buf.partition(b"\n")
+    if rest:
+        raise InvalidArgument("vm cache: more than one message at once")
+    try:
+        message = json.loads(line)
+    except ValueError:
+        raise InvalidArgument(f"vm cache: not JSON: {line[:80]!r}") from None
+    if not isinstance(message, dict):
+        raise InvalidArgument(f"vm cache: not a JSON object: {line[:80]!r}")
+    return message
+
+
+async def send_message(stream: trio.SocketStream, message: dict[str, Any]) -> None:
+    await stream.send_all(json.dumps(message).encode() + b"\n")
+
+
+async def ask(
+    endpoint: str | Path, request: dict[str, Any]
+) -> tuple[trio.SocketStream, dict[str, Any]]:
+    """Send ``request`` to the server; the open stream and its reply."""
+    with trio.fail_after(ASK_TIMEOUT):
+        stream = await trio.open_unix_socket(str(endpoint))
+        try:
+            if peer_uid(stream.socket) != 0:  # type: ignore[arg-type]
+                raise PermissionDenied(f"vm cache: {endpoint} is not served by root")
+            await send_message(stream, request)
+            reply = await read_message(stream)
+        except BaseException:
+            await stream.aclose()
+            raise
+    if "error" in reply:
+        await stream.aclose()
+        raise Unavailable(f"vm cache: {str(reply['error'])[:200]}")
+    return stream, reply
+
+
+# -- the shim's side ------------------------------------------------------------------
+
+
+class CacheFactory:
+    """Take a cached VM for the pod; the next factory when there is none to take."""
+
+    def __init__(
+        self,
+        endpoint: str | Path,
+        vm_dir: Callable[[str], Path],
+        template_path: str | Path,
+        fallback: Factory,
+    ) -> None:
+        self.endpoint = Path(endpoint)
+        self.vm_dir = vm_dir  # a VM's run directory from its id (``Store.vm_dir``)
+        self.template_path = Path(template_path)
+        self.fallback = fallback
+
+    async def get_vm(
+        self, vm_id: str, config: QemuConfig, run_dir: Path, nursery: trio.Nursery
+    ) -> Qemu:
+        try:
+            vm = await self.take(config, nursery)
+        except (Error, OSError, trio.TooSlowError) as exc:
+            log.warning("vm %s: no VM from the cache (%s); falling back", vm_id, exc)
+            vm = None
+        if vm is None:
+            return await self.fallback.get_vm(vm_id, config, run_dir, nursery)
+        log.info("vm %s: took cached VM %s", vm_id, vm.vm_id)
+        return vm
+
+    async def take(self, config: QemuConfig, nursery: trio.Nursery) -> Qemu | None:
+        """A cached VM made the pod's, or None when the server has none for ``config``."""
+        if not self.endpoint.exists():
+            return None
+        stream, reply = await ask(self.endpoint, {"op": "get", "key": cache_key(config)})
+        async with stream:
+            if reply.get("vm") is None:
+                log.info("vm cache: none taken (%s)", str(reply.get("reason"))[:200])
+                return None
+            record = CachedVm.from_dict(reply["vm"])
+            vm = await self._adopt(record, config, nursery)
+            try:
+                await send_message(stream, {"ok": True})
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await vm.shutdown()
+                raise
+            return vm
+
+    async def _adopt(self, record: CachedVm, config: QemuConfig, nursery: trio.Nursery) -> Qemu:
+        memory = clones_dir(self.template_path) / record.id if record.restored else None
+        vm_config = dataclasses.replace(
+            config, late_devices=True, memory_dir=str(memory) if memory else None, incoming=None
+        )
+        vm = await Qemu.adopt(
+            record.id,
+            vm_config,
+            self.vm_dir(record.id),
+            record.pid,
+            0,
+            record.vsock_cid,
+            nursery,
+            start_time=record.start_time,
+            channel=record.channel,
+            vsock_backend_pid=record.vsock_backend_pid,
+            vsock_backend_start_time=record.vsock_backend_start_time,
+        )
+        vm.accelerator = record.accelerator or None
+        vm.restored = record.restored
+        try:
+            await vm.join_pod(nursery)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await vm.shutdown()
+            raise
+        return vm
+
+
+# -- the server -----------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Cached:
+    vm: Qemu
+    handed_out: bool = False
+
+
+class VmCache:
+    """Keep ``number`` VMs for ``config`` running; hand them to the shims that ask."""
+
+    def __init__(
+        self,
+        config: QemuConfig,
+        factory: Factory,
+        *,
+        number: int,
+        endpoint: str | Path,
+        vm_dir: Callable[[str], Path],
+        dial_timeout: float = 120.0,
+        new_id: Callable[[], str] = lambda: ID_PREFIX + secrets.token_hex(6),
+    ) -> None:
+        self.config = cache_vm_config(config)
+        self.key = cache_key(config)
+        self.factory = factory
+        self.number = number
+        self.endpoint = Path(endpoint)
+        self.vm_dir = vm_dir
+        self.dial_timeout = dial_timeout
+        self.new_id = new_id
+        self.ready: list[_Cached] = []
+        self.filling = 0
+        self.handed_out = 0
+        self._wake = trio.Event()
+        self._quit = trio.Event()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "number": self.number,
+            "ready": [c.vm.vm_id for c in self.ready],
+            "filling": self.filling,
+            "handed_out": self.handed_out,
+        }
+
+    def quit(self) -> None:
+        self._quit.set()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Until ``quit`` (or a cancel): the VMs left in the cache are stopped then."""
+        listener = await self._listen()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._keep_filled, nursery)
+                nursery.start_soon(trio.serve_listeners, self._handle, [listener])
+                task_status.started()
+                await self._quit.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await listener.aclose()  # shims asking now are refused, and fall back
+                for cached in self.ready:
+                    await cached.vm.shutdown()
+                self.ready.clear()
+                with contextlib.suppress(OSError):  # last: ``factory destroy`` waits for it
+                    self.endpoint.unlink()
+
+    async def _listen(self) -> trio.SocketListener:
+        self.endpoint.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with contextlib.suppress(OSError):
+            self.endpoint.unlink()  # a dead server's
+        old = os.umask(0o177)  # root only, from the first moment
+        try:
+            await sock.bind(str(self.endpoint))
+        finally:
+            os.umask(old)
+        sock.listen(16)
+        return trio.SocketListener(sock)
+
+    async def _keep_filled(self, nursery: trio.Nursery) -> None:
+        """One VM at a time (each start is CPU-bound), until ``number`` are ready."""
+        backoff = Backoff(first=1.0, limit=60.0)
+        while True:
+            while len(self.ready) >= self.number:
+                await self._wake.wait()
+                self._wake = trio.Event()
+            self.filling = 1
+            try:
+                cached = await self._start_one(nursery)
+            except (Error, OSError) as exc:
+                pause = backoff.next()
+                log.error("vm cache: a VM failed to start (%s); again in %.0fs", exc, pause)
+                await trio.sleep(pause)
+                continue
+            finally:
+                self.filling = 0
+            backoff.reset()
+            self.ready.append(cached)
+            nursery.start_soon(self._watch, cached)
+            log.info("vm cache: %s ready (%d of %d)", cached.vm.vm_id, len(self.ready), self.number)
+
+    async def _start_one(self, nursery: trio.Nursery) -> _Cached:
+        vm_id = self.new_id()
+        vm = await self.factory.get_vm(vm_id, self.config, self.vm_dir(vm_id), nursery)
+        try:
+            # Answered once: the first request a pod makes is then no cold path.
+            async with connect_agent(vm.agent_endpoint(), ready_timeout=self.dial_timeout):
+                pass
+            await vm.release()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await vm.shutdown()
+            raise
+        return _Cached(vm)
+
+    async def _watch(self, cached: _Cached) -> None:
+        """A VM that dies in the cache is cleaned up and replaced."""
+        await cached.vm.wait_exited()
+        if cached.handed_out or cached not in self.ready:
+            return
+        self.ready.remove(cached)
+        log.warning("vm cache: %s exited while cached; replacing it", cached.vm.vm_id)
+        await cached.vm.shutdown()
+        self._wake.set()
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            try:
+                if peer_uid(stream.socket) != 0:  # type: ignore[arg-type]
+                    raise PermissionDenied("only root may use the VM cache")
+                with trio.fail_after(READ_TIMEOUT):
+                    request = await read_message(stream)
+                op = request.get("op")
+                if op == "get":
+                    await self._hand_out(stream, request)
+                elif op == "status":
+                    await send_message(stream, self.status())
+                elif op == "quit":
+                    await send_message(stream, {"ok": True})
+                    self.quit()
+                else:
+                    raise InvalidArgument(f"vm cache: unknown op {str(op)[:40]!r}")
+            except (Error, OSError, trio.TooSlowError, trio.BrokenResourceError) as exc:
+                log.warning("vm cache: a request failed: %s", exc)
+                with contextlib.suppress(OSError, trio.BrokenResourceError):
+                    await send_message(stream, {"error": str(exc)[:400]})
+
+    async def _hand_out(self, stream: trio.SocketStream, request: dict[str, Any]) -> None:
+        if request.get("key") != self.key:
+            await send_message(stream, {"vm": None, "reason": f"this cache is for {self.key}"})
+            return
+        if not self.ready:
+            await send_message(stream, {"vm": None, "reason": "none ready yet"})
+            return
+        cached = self.ready.pop(0)
+        cached.handed_out = True
+        self.handed_out += 1
+        self._wake.set()
+        record = CachedVm.of(cached.vm)
+        acked = False
+        try:
+            await send_message(stream, {"vm": dataclasses.asdict(record)})
+            with trio.move_on_after(ACK_TIMEOUT):
+                acked = (await read_message(stream)).get("ok") is True
+        except (Error, OSError, trio.BrokenResourceError) as exc:
+            log.warning("vm cache: %s was not taken: %s", record.id, exc)
+        finally:
+            if not acked:  # the shim let it go, or died: it is nobody's
+                log.warning("vm cache: %s was not acknowledged; stopping it", record.id)
+                with trio.CancelScope(shield=True):
+                    await cached.vm.shutdown()
+        if acked:
+            log.info("vm cache: %s handed out", record.id)
