@@ -168,6 +168,13 @@ class Qemu:
             )
         return AgentEndpoint(unix_path=str(self.agent_path))
 
+    def serial_agent_endpoint(self) -> AgentEndpoint | None:
+        """The agent's virtio-serial port, when this VM has one besides its channel: a
+        late-device VM (a template's clone, a cached VM) keeps its template's."""
+        if self.config.late_devices or self._channel() == "serial":
+            return AgentEndpoint(unix_path=str(self.agent_path))
+        return None
+
     async def _vsock_device_started(self) -> None:
         """Return once the guest's driver has started the vsock device.
 

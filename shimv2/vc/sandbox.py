@@ -42,6 +42,8 @@ from shimv2.vc.vsock import backend_argv_marker
 log = logging.getLogger(__name__)
 
 CLONE_SEED_BYTES = 64
+# A late-device VM's vsock agent gets this long before its serial port is used.
+LATE_VSOCK_PATIENCE = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,11 +161,35 @@ class Sandbox:
         self._record_vm(self.vm)
         self.save()
         self.spawn(self.watch_vm)
-        await self.connect_agent(config.agent.dial_timeout)
+        await self._connect_new_vm(self.vm, config.agent.dial_timeout)
         if self.vm.restored:
             await self._fix_up_clone()
         self.spawn(self.watch_oom)
         await self._configure_guest_network()
+
+    async def _connect_new_vm(self, vm: Qemu, dial_timeout: float) -> None:
+        """Connect to the agent; over a late-device VM's serial port if its vsock fails.
+
+        A clone or a cached VM has its template's serial port beside its vsock
+        device, and its agent listens on both. vhost-device-vsock 0.3.0 can wedge
+        on a device plugged while the host is busy, and never answer a CONNECT
+        again (seen once in a soak beside other VM work): rather than fail the pod,
+        the serial port is used, and recorded so that a restarted shim uses it too.
+        """
+        serial = vm.serial_agent_endpoint()
+        if serial is None or vm.channel == "serial":
+            await self.connect_agent(dial_timeout)
+            return
+        try:
+            await self.connect_agent(min(dial_timeout, LATE_VSOCK_PATIENCE))
+        except Unavailable as exc:
+            log.warning("sandbox %s: no agent over %s (%s); using the serial port",
+                        self.id, vm.channel, exc)  # fmt: skip
+            self.state.agent_channel = "serial"
+            self.state.agent_socket = str(serial.unix_path)
+            self.state.vsock_cid = 0
+            self.save()
+            await self.connect_agent(max(dial_timeout - LATE_VSOCK_PATIENCE, 1.0))
 
     async def _fix_up_clone(self) -> None:
         """A clone starts with its template's RNG state and clock: renew both first.

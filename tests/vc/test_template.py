@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -33,7 +34,7 @@ from shimv2.vc.container import ContainerConfig
 from shimv2.vc.factory import DirectFactory
 from shimv2.vc.qemu import Qemu
 from shimv2.vc.qemu_config import Nic, QemuConfig
-from shimv2.vc.sandbox import SandboxConfig
+from shimv2.vc.sandbox import LATE_VSOCK_PATIENCE, SandboxConfig
 from shimv2.vc.template import TemplateFactory, template_key
 from shimv2.vc.testing import RecordingFactory
 from shimv2.vc.vsock import default_backend, resolve_channel
@@ -305,3 +306,51 @@ async def test_a_broken_template_falls_back_to_a_cold_boot(
         assert list(template.clones_dir(broken).iterdir()) == []  # the failed copy is gone
     finally:
         shutil.rmtree(broken_root, ignore_errors=True)
+
+
+class WedgedVsockFactory:
+    """Clones whose vsock backend stops answering once the device is started (SIGSTOP):
+    how vhost-device-vsock 0.3.0 wedges, never answering a CONNECT again."""
+
+    def __init__(self, template_path: str) -> None:
+        self.inner = TemplateFactory(template_path)
+        self.stopped: list[int] = []
+
+    async def get_vm(
+        self, vm_id: str, config: QemuConfig, run_dir: Path, nursery: trio.Nursery
+    ) -> Qemu:
+        vm = await self.inner.get_vm(vm_id, config, run_dir, nursery)
+        ready = vm.agent_endpoint().ready
+        assert ready is not None  # hybrid vsock
+        await ready()  # the guest has started the device: QEMU no longer waits on it
+        assert vm.vsock_backend_pid is not None
+        os.kill(vm.vsock_backend_pid, signal.SIGSTOP)
+        self.stopped.append(vm.vsock_backend_pid)
+        return vm
+
+
+@pytest.mark.vm
+async def test_a_clone_whose_vsock_wedges_is_reached_over_its_serial_port(
+    template_path: str, state_dir: str, nursery: trio.Nursery, host_cgroups: RecordingCgroups,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    factory = WedgedVsockFactory(template_path)
+    config = Config(
+        hypervisor=HypervisorConfig(agent_channel="hybrid-vsock"),
+        runtime=RuntimeConfig(state_dir=state_dir),
+    )
+    vc = VirtContainers(nursery, config, factory=factory, cgroups=host_cgroups)
+    s = sid()
+    cfg = SandboxConfig(id=s, containers=(container(tmp_path, "c", ["sh", "-c", "exit 7"]),))
+    started = time.monotonic()
+    sandbox = await vc.run_sandbox(cfg)
+    assert factory.stopped  # the backend was wedged, and the pod started anyway
+    assert time.monotonic() - started >= LATE_VSOCK_PATIENCE
+    assert sandbox.state.agent_channel == "serial"  # recorded, for a restarted shim
+    assert sandbox.state.agent_socket.endswith("/agent.sock")
+    with trio.fail_after(60):
+        assert await sandbox.container("c").wait() == 7
+    for pid in factory.stopped:
+        os.kill(pid, signal.SIGCONT)
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)
