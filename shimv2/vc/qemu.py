@@ -90,6 +90,9 @@ class Qemu:
         self._console_done = trio.Event()
         self.restored = False  # booted from a template's state, not cold
         self._released = False  # handed to another process (``release``)
+        # The guest has started its vsock device (and the backend took it in): an
+        # adopted VM's was, by whoever connected first. Dials need not wait then.
+        self._vsock_started = False
 
     # -- paths -------------------------------------------------------------
 
@@ -163,9 +166,8 @@ class Qemu:
         if self._vsock_cid is not None:
             return AgentEndpoint(vsock_cid=self._vsock_cid)
         if self.channel == "hybrid-vsock":
-            return AgentEndpoint(
-                hybrid_path=str(self.hybrid_vsock_path), ready=self._vsock_device_started
-            )
+            ready = None if self._vsock_started else self._vsock_device_started
+            return AgentEndpoint(hybrid_path=str(self.hybrid_vsock_path), ready=ready)
         return AgentEndpoint(unix_path=str(self.agent_path))
 
     def serial_agent_endpoint(self) -> AgentEndpoint | None:
@@ -201,6 +203,7 @@ class Qemu:
                     status = await qmp.execute("x-query-virtio-status", {"path": path})
                     if status.get("vhost-started"):
                         await trio.sleep(vsock_start_grace(trio.current_time() - asked))
+                        self._vsock_started = True
                         return
                 await trio.sleep(VSOCK_START_POLL)
         except FailedPrecondition as exc:  # the command is missing (QEMU < 7.2)
@@ -461,6 +464,7 @@ class Qemu:
                 vm._qemu.close()
                 raise
         vm._vsock_cid = vsock_cid or None
+        vm._vsock_started = True  # its previous owner reached the agent
         nursery.start_soon(vm._watch, vm._qemu)
         for helper in (vm._virtiofsd, vm._vsock_backend):
             if helper is not None:
