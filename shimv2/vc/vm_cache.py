@@ -52,6 +52,9 @@ MAX_LINE = 4096  # a request or a reply: one JSON object on one line
 ASK_TIMEOUT = 10.0  # the shim's wait for the server's reply
 ACK_TIMEOUT = 30.0  # the server's wait for the shim to have adopted the VM
 READ_TIMEOUT = 5.0  # the server's wait for a request
+# Replacements start this long after the last VM was handed out: pods started
+# together then do not share the CPUs with the cache's own starts.
+REFILL_DELAY = 2.0
 CHANNELS = ("serial", "vsock", "hybrid-vsock")
 ID_PREFIX = "cache-"
 _UCRED = struct.Struct("3i")
@@ -250,8 +253,12 @@ class CacheFactory:
             vsock_backend_start_time=record.vsock_backend_start_time,
         )
         vm.accelerator = record.accelerator or None
-        vm.restored = record.restored
+        # Its clock stood still while it waited paused, and a clone shares its RNG
+        # state with its template: the pod renews both (``Sandbox._fix_up_clone``).
+        vm.restored = True
         try:
+            if (await vm.qmp.execute("query-status")).get("status") == "paused":
+                await vm.qmp.execute("cont")
             await vm.join_pod(nursery)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -294,6 +301,7 @@ class VmCache:
         self.ready: list[_Cached] = []
         self.filling = 0
         self.handed_out = 0
+        self._last_handout = -REFILL_DELAY
         self._wake = trio.Event()
         self._quit = trio.Event()
 
@@ -348,6 +356,9 @@ class VmCache:
             while len(self.ready) >= self.number:
                 await self._wake.wait()
                 self._wake = trio.Event()
+            await trio.sleep_until(self._last_handout + REFILL_DELAY)
+            if len(self.ready) >= self.number:
+                continue
             self.filling = 1
             try:
                 cached = await self._start_one(nursery)
@@ -370,6 +381,9 @@ class VmCache:
             # Answered once: the first request a pod makes is then no cold path.
             async with connect_agent(vm.agent_endpoint(), ready_timeout=self.dial_timeout):
                 pass
+            # Paused while it waits: an idle guest still takes CPU under TCG. The
+            # shim that takes it lets it run (``CacheFactory._adopt``).
+            await vm.qmp.execute("stop")
             await vm.release()
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -419,6 +433,7 @@ class VmCache:
         cached = self.ready.pop(0)
         cached.handed_out = True
         self.handed_out += 1
+        self._last_handout = trio.current_time()
         self._wake.set()
         record = CachedVm.of(cached.vm)
         acked = False

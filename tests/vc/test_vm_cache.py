@@ -31,6 +31,7 @@ from shimv2.vc.config import (
 )
 from shimv2.vc.persist import Store
 from shimv2.vc.qemu_config import QemuConfig
+from shimv2.vc.qmp import Qmp
 from shimv2.vc.sandbox import SandboxConfig
 from shimv2.vc.template import TemplateFactory
 from shimv2.vc.testing import RecordingFactory
@@ -269,6 +270,16 @@ async def _ready(server: VmCache, but: str = "") -> str:
     raise AssertionError(f"no VM ready in the cache in 120 s: {server.status()}")
 
 
+async def _status(qmp_path: Path) -> str:
+    """The run state of the VM whose QMP socket is at ``qmp_path``."""
+    qmp = Qmp("test")
+    await qmp.connect(str(qmp_path))
+    try:
+        return str((await qmp.execute("query-status"))["status"])
+    finally:
+        await qmp.aclose()
+
+
 def _cgroup_of(pid: int) -> str:
     return Path(f"/proc/{pid}/cgroup").read_text()
 
@@ -283,6 +294,7 @@ async def test_a_pod_takes_a_cached_vm_with_its_share_network_and_cgroup(
 ) -> None:
     netns, pod_ip, _ = pod_netns
     cached_id = await _ready(cache.server)
+    assert await _status(cache.server.ready[0].vm.qmp_path) == "paused"  # no CPU while it waits
     vc = VirtContainers(nursery, cache.config, cgroups=host_cgroups)
     s = sid()
     script = "test -x /bin/busybox && echo rootfs-ok; sleep 1000"
@@ -297,6 +309,7 @@ async def test_a_pod_takes_a_cached_vm_with_its_share_network_and_cgroup(
     assert sandbox.state.vm_id == cached_id
     assert sandbox.state.vm_dir == str(Store(cache.config.runtime.state_dir).vm_dir(cached_id))
     assert vm.restored  # a template's clone: the pod renewed its RNG and clock
+    assert (await vm.qmp.execute("query-status"))["status"] == "running"
     assert sandbox.state.cgroup_path in _cgroup_of(vm.pid)  # moved into the pod's cgroup
     assert vm.virtiofsd_pid is not None
     assert sandbox.state.cgroup_path in _cgroup_of(vm.virtiofsd_pid)
