@@ -35,9 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import trio
+from google.protobuf.empty_pb2 import Empty
 
 from shimv2.errdefs import Error, InvalidArgument, PermissionDenied, Unavailable
-from shimv2.vc.agent import connect_agent
+from shimv2.pb.kata import agent_pb2, oci_pb2
+from shimv2.vc.agent import AgentClient, connect_agent
 from shimv2.vc.factory import Factory
 from shimv2.vc.ids import check_id
 from shimv2.vc.qemu import Qemu
@@ -56,6 +58,7 @@ READ_TIMEOUT = 5.0  # the server's wait for a request
 # together then do not share the CPUs with the cache's own starts.
 REFILL_DELAY = 2.0
 CHANNELS = ("serial", "vsock", "hybrid-vsock")
+WARM_UP_ID = "kata-py-warm-up"
 ID_PREFIX = "cache-"
 _UCRED = struct.Struct("3i")
 
@@ -182,6 +185,46 @@ async def ask(
         await stream.aclose()
         raise Unavailable(f"vm cache: {str(reply['error'])[:200]}")
     return stream, reply
+
+
+async def warm_up(agent: AgentClient) -> None:
+    """Run one container in the VM, on the guest's own read-only root.
+
+    Under TCG a VM translates code the first time it runs it: a pod's first
+    container costs its VM about twice what its second does (crun, the
+    kernel's namespace and mount paths, the agent's own). A cached VM pays that
+    here, before any pod waits for it. The container is gone when this returns.
+    """
+    # Its root is its own bundle directory (the agent's, writable), where the
+    # runtime makes what the mounts need: the guest's static busybox is all it runs.
+    spec = oci_pb2.Spec(
+        Version="1.0.2",
+        Process=oci_pb2.Process(Args=["/busybox", "true"], Cwd="/", Env=["PATH=/"]),
+        Root=oci_pb2.Root(Path=".", Readonly=False),
+        Hostname=WARM_UP_ID,
+        Mounts=[
+            oci_pb2.Mount(destination="/proc", type="proc", source="proc"),
+            oci_pb2.Mount(destination="/dev", type="tmpfs", source="tmpfs",
+                          options=["nosuid", "mode=755", "size=64k"]),
+            oci_pb2.Mount(destination="/busybox", type="bind", source="/bin/busybox",
+                          options=["bind", "ro"]),
+        ],
+    )  # fmt: skip
+    spec.Linux.Namespaces.extend(
+        oci_pb2.LinuxNamespace(Type=t) for t in ("pid", "ipc", "uts", "mount", "network")
+    )
+    request = agent_pb2.CreateContainerRequest(
+        container_id=WARM_UP_ID, exec_id=WARM_UP_ID, OCI=spec
+    )
+    await agent.call("CreateContainer", request, Empty)
+    try:
+        start = agent_pb2.StartContainerRequest(container_id=WARM_UP_ID)
+        await agent.call("StartContainer", start, Empty)
+        wait = agent_pb2.WaitProcessRequest(container_id=WARM_UP_ID, exec_id="")
+        await agent.call("WaitProcess", wait, agent_pb2.WaitProcessResponse)
+    finally:
+        remove = agent_pb2.RemoveContainerRequest(container_id=WARM_UP_ID, timeout=10)
+        await agent.call("RemoveContainer", remove, Empty)
 
 
 # -- the shim's side ------------------------------------------------------------------
@@ -378,9 +421,8 @@ class VmCache:
         vm_id = self.new_id()
         vm = await self.factory.get_vm(vm_id, self.config, self.vm_dir(vm_id), nursery)
         try:
-            # Answered once: the first request a pod makes is then no cold path.
-            async with connect_agent(vm.agent_endpoint(), ready_timeout=self.dial_timeout):
-                pass
+            async with connect_agent(vm.agent_endpoint(), ready_timeout=self.dial_timeout) as agent:
+                await warm_up(agent)
             # Paused while it waits: an idle guest still takes CPU under TCG. The
             # shim that takes it lets it run (``CacheFactory._adopt``).
             await vm.qmp.execute("stop")
