@@ -10,10 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import socket
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +44,9 @@ from shimv2.vc.vm_cache import (
 )
 from tests.leaks import RecordingCgroups, vm_processes
 from tests.vc.test_sandbox import container, host_cgroups, pod_netns, sid, state_dir
+from tests.vc.test_template import template_path  # a template of this module's own
 
-__all__ = ["host_cgroups", "pod_netns", "state_dir"]  # fixtures, used by name
+__all__ = ["host_cgroups", "pod_netns", "state_dir", "template_path"]  # fixtures, used by name
 
 GOOD = {"id": "cache-0a1b2c", "pid": 4242, "start_time": 99, "channel": "serial"}
 
@@ -214,17 +213,6 @@ async def test_no_server_or_no_vm_falls_back(
 
 
 # -- VMs: a real server, real clones, pods on them --------------------------------------
-
-
-@pytest.fixture(scope="module")
-def template_path() -> Iterator[str]:
-    root = Path("/dev/shm") / f"kpy-cache-{uuid.uuid4().hex[:8]}"
-    path = root / "template"
-    try:
-        trio.run(template.build_template, Config().qemu(None), path)
-        yield str(path)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @dataclasses.dataclass
