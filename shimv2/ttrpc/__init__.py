@@ -22,3 +22,4 @@ from shimv2.ttrpc._transport import Transport as Transport
 from shimv2.ttrpc._unix import PeerCredentials as PeerCredentials
 from shimv2.ttrpc._unix import open_unix_listener as open_unix_listener
 from shimv2.ttrpc._unix import open_unix_stream as open_unix_stream
+from shimv2.ttrpc._unix import peer_credentials as peer_credentials

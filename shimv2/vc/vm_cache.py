@@ -29,7 +29,6 @@ import logging
 import os
 import secrets
 import socket
-import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from google.protobuf.empty_pb2 import Empty
 
 from shimv2.errdefs import Error, InvalidArgument, PermissionDenied, Unavailable
 from shimv2.pb.kata import agent_pb2, oci_pb2
+from shimv2.ttrpc import peer_credentials
 from shimv2.vc.agent import AgentClient, connect_agent
 from shimv2.vc.factory import Factory
 from shimv2.vc.ids import check_id
@@ -60,7 +60,6 @@ REFILL_DELAY = 2.0
 CHANNELS = ("serial", "vsock", "hybrid-vsock")
 WARM_UP_ID = "kata-py-warm-up"
 ID_PREFIX = "cache-"
-_UCRED = struct.Struct("3i")
 
 
 def cache_key(config: QemuConfig) -> str:
@@ -136,9 +135,9 @@ class CachedVm:
 # -- the wire: one JSON object per line, bounded, between root processes --------------
 
 
-def peer_uid(sock: socket.socket) -> int:
-    uid: int = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))[2]
-    return uid
+def peer_is_root(stream: trio.SocketStream) -> bool:
+    creds = peer_credentials(stream.socket)
+    return creds is not None and creds.uid == 0
 
 
 async def read_message(stream: trio.SocketStream) -> dict[str, Any]:
@@ -174,7 +173,7 @@ async def ask(
     with trio.fail_after(ASK_TIMEOUT):
         stream = await trio.open_unix_socket(str(endpoint))
         try:
-            if peer_uid(stream.socket) != 0:  # type: ignore[arg-type]
+            if not peer_is_root(stream):
                 raise PermissionDenied(f"vm cache: {endpoint} is not served by root")
             await send_message(stream, request)
             reply = await read_message(stream)
@@ -449,7 +448,7 @@ class VmCache:
     async def _handle(self, stream: trio.SocketStream) -> None:
         async with stream:
             try:
-                if peer_uid(stream.socket) != 0:  # type: ignore[arg-type]
+                if not peer_is_root(stream):
                     raise PermissionDenied("only root may use the VM cache")
                 with trio.fail_after(READ_TIMEOUT):
                     request = await read_message(stream)
