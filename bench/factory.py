@@ -227,7 +227,8 @@ def main() -> int:
             config, wrapper = templated_runtime(Path(tmp), shm)
             _, warm_wrapper = templated_runtime(Path(tmp), shm, f"{tmp}/shims.sock")
             # A cache of one for the runs one at a time, and one of --pods for the pods
-            # started at once, alive only then: idle VMs in a cache cost CPU under TCG.
+            # started at once, alive only then: its refills (and its VMs' memory) would
+            # weigh on the other kinds.
             single, big = Path(tmp) / "single", Path(tmp) / "big"
             single.mkdir()
             big.mkdir()
