@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -9,3 +10,33 @@ from pathlib import Path
 def mounted(path: str | Path) -> bool:
     """Something is mounted on ``path`` itself (``mountpoint(1)``, which reads the mount table)."""
     return subprocess.run(["mountpoint", "-q", str(path)], check=False).returncode == 0
+
+
+def mounts_in_every_namespace(prefix: str) -> list[str]:
+    """Mount points at or below ``prefix`` in any mount namespace a live process is in.
+
+    The shim keeps a pod's mounts in the pod's own namespace, so the test
+    process's table alone would never show them leaking.
+    """
+    seen: set[str] = set()
+    found: list[str] = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        for task in _tasks(pid):
+            try:
+                ns = os.readlink(f"/proc/{pid}/task/{task}/ns/mnt")
+                if ns in seen:
+                    continue
+                seen.add(ns)
+                with open(f"/proc/{pid}/task/{task}/mountinfo") as f:
+                    points = [line.split()[4] for line in f]
+            except OSError:
+                continue  # gone meanwhile
+            found += [p for p in points if p == prefix or p.startswith(prefix.rstrip("/") + "/")]
+    return found
+
+
+def _tasks(pid: str) -> list[str]:
+    try:
+        return os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []

@@ -120,6 +120,8 @@ class VirtContainers:
             for c in list(sandbox.containers.values()):
                 with contextlib.suppress(Exception):
                     await sandbox.unmount_storage(c)
+            with contextlib.suppress(Exception):
+                await sandbox.release_mount_ns()
             self.store.remove(sandbox.id, sandbox.state.vm_id)
             self._live.pop(sandbox.id, None)
 

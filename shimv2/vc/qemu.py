@@ -248,6 +248,7 @@ class Qemu:
                     self.run_dir / "virtiofsd.log",
                     binary=self.config.virtiofsd,
                     cgroup=self.config.cgroup,
+                    mount_ns=self.config.shared_dir_mount_ns,
                 )
             self.channel = resolve_channel(self.config.agent_channel, self.config.vsock_backend)
             if self.channel == "vsock":
@@ -405,6 +406,7 @@ class Qemu:
                 self.run_dir / "virtiofsd.log",
                 binary=cfg.virtiofsd,
                 cgroup=cfg.cgroup,
+                mount_ns=cfg.shared_dir_mount_ns,
             )
             nursery.start_soon(self._watch_helper, self._virtiofsd)
             path = {"type": "unix", "data": {"path": str(self.virtiofs_path)}}

@@ -156,6 +156,8 @@ class QemuConfig:
     # Directory exported to the guest over virtio-fs; None = no virtio-fs.
     shared_dir: str | None = None
     virtiofsd: str = VIRTIOFSD
+    # The mount namespace that holds the shared dir's mounts (the pod's): virtiofsd joins it.
+    shared_dir_mount_ns: str = ""
     # auto | vsock | hybrid-vsock | serial: ``shimv2.vc.vsock``
     agent_channel: str = "auto"
     vsock_backend: str = field(default_factory=default_backend)  # for hybrid-vsock

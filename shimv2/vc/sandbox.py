@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 from google.protobuf.empty_pb2 import Empty
@@ -32,6 +34,7 @@ from shimv2.vc.container import Container, ContainerConfig, ContainerStatus
 from shimv2.vc.factory import Factory
 from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.ids import container_id, sandbox_id
+from shimv2.vc.mountns import MountNamespace
 from shimv2.vc.persist import ContainerState, SandboxState, Store
 from shimv2.vc.procs import ProcessIdentity
 from shimv2.vc.qemu import Qemu
@@ -40,6 +43,8 @@ from shimv2.vc.ratelimit import Backoff, TokenBucket
 from shimv2.vc.vsock import backend_argv_marker
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 CLONE_SEED_BYTES = 64
 # A late-device VM's vsock agent gets this long before its serial port is used.
@@ -92,6 +97,9 @@ class Sandbox:
         self.vm_exited = trio.Event()
         self.taps: list[network.TapAttachment] = []
         self._releasing = False  # we are the ones stopping the VM
+        # Where the pod's tree of mounts lives (``shimv2.vc.mountns``); a sandbox
+        # rebuilt in another process has none, and works in its own namespace.
+        self.mount_ns: MountNamespace | None = None
         # Called with a container id when the guest reports an OOM kill in it.
         self.on_oom: Callable[[str], None] | None = None
 
@@ -139,12 +147,13 @@ class Sandbox:
     async def boot(self, factory: Factory, annotations: Mapping[str, str]) -> None:
         """Start the VM and connect to its agent (the caller handles rollback)."""
         config = apply_annotations(self.config, annotations)
-        shared = await trio.to_thread.run_sync(
-            storage.prepare_shared, self.store.sandbox_dir(self.id)
-        )
+        self.mount_ns = await trio.to_thread.run_sync(MountNamespace.create)
+        shared = await self.mount_ns.run(storage.prepare_shared, self.store.sandbox_dir(self.id))
         self.state.shared_dir = str(shared)
         self.state.vm_dir = str(self.store.vm_dir(self.id))
-        qemu_config = config.qemu(str(shared))
+        qemu_config = dataclasses.replace(
+            config.qemu(str(shared)), shared_dir_mount_ns=self.mount_ns.path
+        )
         if self.state.netns:
             self.taps = await network.add_interfaces(self.state.netns)
             self.state.taps = [f"{t.index}:{t.endpoint.name}" for t in self.taps]
@@ -405,25 +414,44 @@ class Sandbox:
         root_path = str(root.get("path", "rootfs")) if isinstance(root, dict) else ""
         top, record = self.store.sandbox_dir(self.id), container.state.mounts
         try:
-            target = await trio.to_thread.run_sync(
+            target = await self._in_mount_ns(
                 storage.mount_rootfs, top, container.id, config.rootfs, config.bundle, root_path,
-                record,
+                record, host=self._host_view(),
             )  # fmt: skip
             container.state.rootfs = str(target)
-            return await trio.to_thread.run_sync(
+            return await self._in_mount_ns(
                 storage.share_bind_mounts, top, container.id, config.spec.get("mounts") or [],
-                record,
+                record, host=self._host_view(),
             )  # fmt: skip
         finally:
             self.save()  # the mount points are on disk before anyone needs to undo them
 
+    async def _in_mount_ns(self, fn: Callable[..., T], *args: object, **kwargs: object) -> T:
+        """A blocking ``storage`` call, in the pod's mount namespace when it has one."""
+        ns = self.mount_ns
+        if ns is None:
+            return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+        return await ns.run(fn, *args, **kwargs)
+
+    def _host_view(self) -> storage.HostView:
+        return contextlib.nullcontext if self.mount_ns is None else self.mount_ns.host
+
     async def unmount_storage(self, container: Container) -> None:
         top = self.store.sandbox_dir(self.id)
-        left = await trio.to_thread.run_sync(storage.unmount_all, top, container.state.mounts)
+        left = await self._in_mount_ns(storage.unmount_all, top, container.state.mounts)
         if left:
             raise FailedPrecondition(f"container {container.id}: still mounted: {left}")
         container.state.mounts.clear()
-        await trio.to_thread.run_sync(storage.remove_container_dir, top, container.id)
+        await self._in_mount_ns(storage.remove_container_dir, top, container.id)
+
+    async def release_mount_ns(self) -> None:
+        """Detach the shared views in the pod's namespace, then let go of it."""
+        ns, self.mount_ns = self.mount_ns, None
+        if ns is not None:
+            try:
+                await ns.run(storage.release_shared, self.store.sandbox_dir(self.id))
+            finally:
+                await trio.to_thread.run_sync(ns.close)
 
     async def delete_container(self, cid: str) -> ContainerStatus:
         container = self.container(cid)
@@ -566,6 +594,7 @@ class Sandbox:
             c = self.containers[cid]
             await self.unmount_storage(c)
             del self.containers[cid]
+        await self.release_mount_ns()
         self.store.remove(self.id, self.state.vm_id)
         memory_dir = self.state.hypervisor.get("memory_dir")
         if isinstance(memory_dir, str) and memory_dir:  # our own record, of our own copy

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -36,6 +36,10 @@ from shimv2.vc import linux, safefs
 from shimv2.vc.ids import container_id
 
 log = logging.getLogger(__name__)
+
+# Where host paths are opened: the host's namespace, when the tree is in the
+# pod's own (``shimv2.vc.mountns.MountNamespace.host``).
+HostView = Callable[[], contextlib.AbstractContextManager[object]]
 
 GUEST_SHARED = "/run/kata-containers/shared/containers"
 MOUNTS = "mounts"
@@ -96,7 +100,7 @@ def _mounts_below(path: Path) -> bool:
     for char, code in (("\\", "\\134"), (" ", "\\040"), ("\t", "\\011"), ("\n", "\\012")):
         prefix = prefix.replace(char, code)  # as mountinfo writes it
     wanted = os.fsencode(prefix)
-    with open("/proc/self/mountinfo", "rb") as f:
+    with open("/proc/thread-self/mountinfo", "rb") as f:  # this thread's namespace
         return any(line.split(b" ", 5)[4].startswith(wanted) for line in f)
 
 
@@ -186,6 +190,7 @@ def mount_rootfs(
     bundle: str | Path,
     root_path: str,
     record: list[str],
+    host: HostView = contextlib.nullcontext,
 ) -> Path:
     """Mount the rootfs on ``mounts/<cid>/rootfs``; ``record`` gets each mount point first.
 
@@ -195,7 +200,8 @@ def mount_rootfs(
     target = host_rootfs(sandbox_dir, cid)
     for m in mounts:
         _check(m)
-    bundle_root = None if mounts else _bundle_root(bundle, root_path)
+    with host():
+        bundle_root = None if mounts else _bundle_root(bundle, root_path)
     with contextlib.ExitStack() as stack:
         if bundle_root is not None:
             stack.enter_context(safefs.opened(bundle_root))
@@ -209,7 +215,9 @@ def mount_rootfs(
             record.append(str(target))
             if m.type in ("bind", "rbind"):
                 recursive = m.type == "rbind" or "rbind" in m.options
-                _attach(_clone(m.source, recursive), cdir, "rootfs", list(m.options))
+                with host():
+                    tree = _clone(m.source, recursive)
+                _attach(tree, cdir, "rootfs", list(m.options))
                 continue
             flags, data = _fs_flags_and_data(m.options)
             with safefs.opened(safefs.make_mount_point(cdir, "rootfs", directory=True)) as fd:
@@ -279,6 +287,7 @@ def share_bind_mounts(
     cid: str,
     mounts: Sequence[Mapping[str, Any]],
     record: list[str],
+    host: HostView = contextlib.nullcontext,
 ) -> dict[int, SharedBind]:
     """Bind the host paths of the spec's bind mounts into ``mounts/<cid>/mounts``.
 
@@ -286,7 +295,8 @@ def share_bind_mounts(
     instead. Every source is checked before anything is mounted; ``record``
     gets each mount point before its mount.
     """
-    wanted = [(i, _host_bind_source(m, i), m) for i, m in enumerate(mounts)]
+    with host():
+        wanted = [(i, _host_bind_source(m, i), m) for i, m in enumerate(mounts)]
     wanted = [(i, source, m) for i, source, m in wanted if source is not None]
     guest: dict[int, SharedBind] = {}
     if not wanted:
@@ -298,7 +308,8 @@ def share_bind_mounts(
         for index, source, mount in wanted:
             assert source is not None
             options = [str(o) for o in mount.get("options") or []]
-            tree = _clone(source, "rbind" in options)
+            with host():
+                tree = _clone(source, "rbind" in options)
             point = Path(sandbox_dir) / MOUNTS / rel / str(index)
             record.append(str(point))
             _attach(tree, top, str(index), options)

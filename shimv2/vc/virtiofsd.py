@@ -6,6 +6,7 @@ import os
 import socket
 from pathlib import Path
 
+from shimv2.vc.mountns import nsenter_argv
 from shimv2.vc.procs import Child
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
@@ -52,17 +53,20 @@ async def start_virtiofsd(
     *,
     binary: str = VIRTIOFSD,
     cgroup: tuple[str, ...] = (),
+    mount_ns: str = "",
 ) -> Child:
     """Start virtiofsd on a listening socket (QEMU connects to it at launch).
 
     ``shared_dir`` is the sandbox's read-only view (``shimv2.vc.storage``).
-    ``sandbox=chroot`` keeps virtiofsd in our mount namespace, so a rootfs
-    mounted after the VM booted appears in the guest through propagation.
+    ``sandbox=chroot`` keeps virtiofsd in the mount namespace it starts in:
+    the pod's (``mount_ns``, joined through nsenter, which execs it in place),
+    where a rootfs mounted after the VM booted appears through propagation.
     """
     with listening_socket(socket_path) as sock:
         argv = [
-            binary, f"--fd={sock.fileno()}", "-o", f"source={shared_dir}",
-            "-o", "cache=auto", "-o", "sandbox=chroot", "-o", f"xattrmap={XATTR_MAP}",
+            *(nsenter_argv(mount_ns) if mount_ns else ()),
+            binary, f"--fd={sock.fileno()}", "-o", f"source={shared_dir}", "-o", "cache=auto",
+            "-o", "sandbox=chroot", "-o", f"xattrmap={XATTR_MAP}",
         ]  # fmt: skip
         with open(log_path, "ab") as log_file:
             child = await Child.spawn(

@@ -25,6 +25,7 @@ import pytest
 from shimv2.vc.config import FactoryConfig
 from shimv2.vc.template import clones_dir
 from tests.leaks import cgroup_dirs, vm_processes
+from tests.mountinfo import mounts_in_every_namespace
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "localhost/kata-py/busybox:latest"
@@ -230,8 +231,7 @@ def assert_nothing_left(sockets_before: set[str], cgroups_before: set[str]) -> N
     for pid in shim_pids():
         os.kill(pid, signal.SIGKILL)
     left = state_left()
-    with open("/proc/self/mountinfo") as f:
-        mounts = [line.split()[4] for line in f if line.split()[4].startswith("/run/kata-py/")]
+    mounts = mounts_in_every_namespace("/run/kata-py/")
     assert leaks == []
     assert left == []
     assert mounts == []

@@ -32,6 +32,7 @@ from tests.e2e.conftest import (
 )
 from tests.e2e.test_ctr import pod_cgroups, task_status
 from tests.leaks import cgroup_dirs, vm_processes
+from tests.mountinfo import mounts_in_every_namespace
 
 STATE = Path("/run/kata-py")
 _exec_ids = itertools.count()
@@ -264,8 +265,7 @@ def leftovers(cd: Containerd, name: str, state: Path = STATE) -> list[str]:
         cd.bundle(name),
     ]
     left += [str(p) for p in paths if os.path.lexists(p)]
-    with open("/proc/self/mountinfo") as f:
-        left += [ln.split()[4] for ln in f if f"/{name}/" in f"{ln.split()[4]}/"]
+    left += [p for p in mounts_in_every_namespace("/") if f"/{name}/" in f"{p}/"]
     left += pod_cgroups(name)
     return left
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from tests.e2e.conftest import IMAGE, Containerd, shim_pids, shim_sockets
 from tests.leaks import vm_processes
+from tests.mountinfo import mounts_in_every_namespace
 
 STATE = Path("/run/kata-py")
 EXEC_LINES = 200  # lines each exec streams back
@@ -41,8 +42,7 @@ class Counts:
         """``state``: kata-py's state directory; VM processes are counted by it (their
         command lines hold their run directories under it)."""
         tasks = [ln for ln in cd.ctr("task", "ls").stdout.splitlines()[1:] if ln.strip()]
-        with open("/proc/self/mountinfo") as f:
-            mounts = [ln for ln in f if ln.split()[4].startswith(f"{state}/")]
+        mounts = mounts_in_every_namespace(f"{state}/")
         sbs = state / "sbs"
         return cls(
             tasks=len(tasks),

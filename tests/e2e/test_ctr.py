@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from shimv2.vc.qemu_config import default_guest_dir
 from tests.e2e.conftest import IMAGE, RUNTIME, Containerd, shim_pids
 from tests.leaks import cgroup_hierarchies, process_cgroups, vm_processes
+from tests.mountinfo import mounts_in_every_namespace
 
 pytestmark = pytest.mark.vm
 
@@ -317,8 +318,7 @@ def test_a_killed_shim_is_cleaned_up_by_delete(cd: Containerd) -> None:
             time.sleep(0.2)
         assert not os.path.exists(f"/run/kata-py/sbs/{name}")
         assert not os.path.exists(f"/run/kata-py/vm/{name}")
-        with open("/proc/self/mountinfo") as f:
-            assert [line for line in f if f"/sbs/{name}/" in line] == []
+        assert mounts_in_every_namespace(f"/run/kata-py/sbs/{name}/") == []
     finally:
         remove(cd, name)
 

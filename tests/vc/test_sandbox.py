@@ -26,15 +26,11 @@ from shimv2.vc.qemu_config import default_guest_dir
 from shimv2.vc.sandbox import SandboxConfig
 from tests.guest.rootfs import build_rootfs, make_spec
 from tests.leaks import RecordingCgroups, cgroup_hierarchies, process_cgroups, vm_processes
+from tests.mountinfo import mounts_in_every_namespace
 
 pytestmark = pytest.mark.vm
 
 GUEST_KERNEL = (default_guest_dir() / "kver").read_text().strip()
-
-
-def _mounts_under(path: str) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return [line.split()[4] for line in f if line.split()[4].startswith(path)]
 
 
 async def process_table_once_it_shows(
@@ -71,7 +67,7 @@ def state_dir(host_cgroups: RecordingCgroups) -> Any:
     # Only what this test made, once the killed VMs are gone.
     while host_cgroups.remove_now(host_cgroups.made) and time.monotonic() < deadline:
         time.sleep(0.05)
-    mounts = _mounts_under(path)
+    mounts = mounts_in_every_namespace(path)
     for m in reversed(mounts):
         subprocess.run(["umount", "-l", m], check=False)
     left = os.listdir(f"{path}/sbs") if os.path.exists(f"{path}/sbs") else []
