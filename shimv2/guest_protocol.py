@@ -16,3 +16,21 @@ SHELL_EXITED_END = b"\x07"
 
 def shell_exited(status: int) -> bytes:
     return SHELL_EXITED_PREFIX + str(status).encode() + SHELL_EXITED_END
+
+
+# Port-forward (``kubectl port-forward``): the host dials this vsock port, sends
+# the pod port as decimal digits and "\n", and the guest's agent dials
+# 127.0.0.1:<port> in the VM, answering b"OK\n" (then the bytes flow both ways)
+# or b"ERR <reason>\n" and closing.
+FORWARD_VSOCK_PORT = 1025
+FORWARD_REQUEST_MAX = 8  # "65535\n" and a little
+FORWARD_REPLY_MAX = 128
+FORWARD_OK = b"OK\n"
+
+
+def parse_forward_port(line: bytes) -> int | None:
+    """The port of a forward request line (without its newline), or None if it is not one."""
+    if not line or len(line) > 5 or not line.isdigit():
+        return None
+    port = int(line)
+    return port if 0 < port < 65536 else None

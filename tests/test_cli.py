@@ -46,6 +46,7 @@ def test_check_passes_on_this_host(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "this host can run kata-py" in out
     assert "accelerator" in out
+    assert "port-forward   relay over vsock, iptables /" in out  # scripts/setup installs it
     assert "FAIL" not in out
 
 

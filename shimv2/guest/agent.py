@@ -268,12 +268,33 @@ async def serve_channel(
             if listener is not None:
                 await nursery.start(ch.serve_listener, server, listener)
                 where.append(f"vsock:{options.vsock_port}")
+                forward = await nursery.start(serve_forward_port)
+                if forward:
+                    where.append(f"port-forward on vsock:{forward}")
             on_ready(" and ".join(where))
     finally:
         if fd is not None:
             os.close(fd)
         if listener is not None:
             listener.close()
+
+
+async def serve_forward_port(
+    *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Port-forward's listener beside the agent's vsock port; without it the agent serves on."""
+    from shimv2.guest.port_forward import serve_port_forward
+    from shimv2.guest_protocol import FORWARD_VSOCK_PORT
+
+    try:
+        listener = ch.open_vsock_listener(FORWARD_VSOCK_PORT)
+    except ch.ChannelError as exc:
+        log.warning("no port-forward: %s", exc)
+        task_status.started(0)
+        return
+    with listener:
+        task_status.started(FORWARD_VSOCK_PORT)  # listening: the host's dials queue until accepted
+        await serve_port_forward(listener)
 
 
 async def debug_console(reaper: Any, port_wait: float) -> None:

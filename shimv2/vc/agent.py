@@ -74,7 +74,8 @@ class AgentClient:
         await self._client.wait_closed()
 
 
-async def _open_stream(endpoint: AgentEndpoint) -> trio.SocketStream:
+async def open_stream(endpoint: AgentEndpoint) -> trio.SocketStream:
+    """A stream to the guest's ``endpoint`` (its port, for vsock), without ttrpc on it."""
     if endpoint.unix_path is not None:
         return await open_unix_stream(endpoint.unix_path)
     if endpoint.hybrid_path is not None:
@@ -153,7 +154,7 @@ async def connect_agent(
             )
     while True:
         try:
-            stream = await _open_stream(endpoint)
+            stream = await open_stream(endpoint)
         except OSError as exc:  # vsock: the guest is not listening yet
             last_error = exc
             if trio.current_time() > deadline:

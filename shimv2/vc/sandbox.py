@@ -25,9 +25,10 @@ import trio
 from google.protobuf.empty_pb2 import Empty
 
 from shimv2.errdefs import AlreadyExists, Error, FailedPrecondition, NotFound, Unavailable
+from shimv2.guest_protocol import FORWARD_VSOCK_PORT
 from shimv2.pb.kata import agent_pb2, types_pb2
 from shimv2.vc import network, storage
-from shimv2.vc.agent import AgentClient, connect_agent
+from shimv2.vc.agent import AgentClient, connect_agent, open_stream
 from shimv2.vc.cgroups import HostCgroups, sandbox_cgroup
 from shimv2.vc.config import Config, apply_annotations
 from shimv2.vc.container import Container, ContainerConfig, ContainerStatus
@@ -36,6 +37,7 @@ from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.ids import container_id, sandbox_id
 from shimv2.vc.mountns import MountNamespace
 from shimv2.vc.persist import ContainerState, SandboxState, Store
+from shimv2.vc.port_forward import PortForward
 from shimv2.vc.procs import ProcessIdentity
 from shimv2.vc.qemu import Qemu
 from shimv2.vc.qemu_config import SHARED_TAG
@@ -100,6 +102,8 @@ class Sandbox:
         # Where the pod's tree of mounts lives (``shimv2.vc.mountns``); a sandbox
         # rebuilt in another process has none, and works in its own namespace.
         self.mount_ns: MountNamespace | None = None
+        self._port_forward: PortForward | None = None
+        self._port_forward_scope = trio.CancelScope()
         # Called with a container id when the guest reports an OOM kill in it.
         self.on_oom: Callable[[str], None] | None = None
 
@@ -175,6 +179,26 @@ class Sandbox:
             await self._fix_up_clone()
         self.spawn(self.watch_oom)
         await self._configure_guest_network()
+        await self._start_port_forward()
+
+    async def _start_port_forward(self) -> None:
+        """The pod's port-forward relay (``shimv2.vc.port_forward``): a pod network, over vsock."""
+        vm = self.vm
+        if not self.state.netns or vm is None or "vsock" not in self.state.agent_channel:
+            return
+        try:
+            relay = await PortForward.start(self.state.netns)
+        except Error as exc:
+            log.warning("sandbox %s: no port-forward: %s", self.id, exc)
+            return
+        self._port_forward = relay
+        endpoint = dataclasses.replace(vm.agent_endpoint(), vsock_port=FORWARD_VSOCK_PORT)
+
+        async def serve() -> None:
+            with self._port_forward_scope:
+                await relay.serve(lambda: open_stream(endpoint))
+
+        self.spawn(serve)
 
     async def _connect_new_vm(self, vm: Qemu, dial_timeout: float) -> None:
         """Connect to the agent; over a late-device VM's serial port if its vsock fails.
@@ -572,7 +596,11 @@ class Sandbox:
         self.save(teardown=True)
 
     async def release_network(self) -> None:
-        """Remove the taps and tc filters; from the state alone if needed."""
+        """Remove the port-forward relay, the taps and the tc filters; from the state if need be."""
+        relay, self._port_forward = self._port_forward, None
+        if relay is not None:
+            self._port_forward_scope.cancel()
+            await relay.stop()
         if not self.state.netns or not self.state.taps:
             return
         if self.taps:

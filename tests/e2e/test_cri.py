@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -211,6 +212,29 @@ def pod_ip(cri: Cri, pod: str) -> str:
     return str(status["status"]["network"]["ip"])
 
 
+def port_forward(cri: Cri, pod: str, port: int) -> str:
+    """What a client of ``crictl port-forward`` to the pod's ``port`` reads, to the end."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        local = s.getsockname()[1]
+    forward = subprocess.Popen(
+        [str(CRICTL), "--runtime-endpoint", cri.endpoint, "port-forward", pod, f"{local}:{port}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert forward.stdout is not None
+        line = forward.stdout.readline()  # "Forwarding from 127.0.0.1:<local> -> <port>"
+        assert "Forwarding from" in line, line
+        got = b""
+        with socket.create_connection(("127.0.0.1", local), timeout=30) as conn:
+            while data := conn.recv(4096):
+                got += data
+        return got.decode()
+    finally:
+        forward.kill()
+        forward.wait()
+
+
 def test_a_pod_of_two_containers_runs_in_one_vm(cri: Cri, tmp_path: Path) -> None:
     pod_json = cri.write("pod", pod_config("kpy-pod", tmp_path))
     pod = cri("runp", "--runtime", HANDLER, pod_json).strip()
@@ -222,8 +246,9 @@ def test_a_pod_of_two_containers_runs_in_one_vm(cri: Cri, tmp_path: Path) -> Non
             pod_json,
         ).strip()
         cri("start", app)
+        server = ("nc", "-ll", "-p", "8080", "-e", "echo", "hello from the pod")
         side = cri(
-            "create", pod, cri.write("side", container_config("side", "sleep", "1000")), pod_json
+            "create", pod, cri.write("side", container_config("side", *server)), pod_json
         ).strip()
         cri("start", side)
 
@@ -264,6 +289,8 @@ def test_a_pod_of_two_containers_runs_in_one_vm(cri: Cri, tmp_path: Path) -> Non
             ["busybox", "ping", "-c", "1", "-W", "5", ip], capture_output=True, text=True
         )
         assert ping.returncode == 0, ping.stdout + ping.stderr
+        # port-forward reaches the guest's loopback through the shim's relay
+        assert port_forward(cri, pod, 8080) == "hello from the pod\n"
         # the container's output reaches the kubelet's log file
         deadline = time.monotonic() + 20
         while "started" not in (tmp_path / "app.log").read_text():

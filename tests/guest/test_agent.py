@@ -28,6 +28,7 @@ from shimv2.guest import channel as ch
 from shimv2.guest.agent import Agent, Options, build_agent, parse_cmdline, parse_options
 from shimv2.guest.system import AGENT_VERSION
 from shimv2.guest.testing import FakeGuestOS, FakeIpCommand, fake_sysfs
+from shimv2.guest_protocol import FORWARD_VSOCK_PORT
 from shimv2.pb.kata import agent_pb2, health_pb2, types_pb2
 from shimv2.ttrpc import CallContext, Client, FdTransport, SocketTransport
 from shimv2.ttrpc._codec import NEED_DATA, Connection, ResponseReceived, Role
@@ -171,9 +172,12 @@ async def test_serve_channel_on_a_serial_port(
     if channel == "serial":
         assert ready == [f"serial:{opts.port}"]
     else:
-        assert ready == [f"serial:{opts.port} and vsock:{opts.vsock_port}"]
-        with pytest.raises(ch.ChannelError, match="in use"):  # our listener holds it
-            ch.open_vsock_listener(opts.vsock_port).close()
+        # and, beside the agent's vsock port, port-forward's
+        forward = f"port-forward on vsock:{FORWARD_VSOCK_PORT}"
+        assert ready == [f"serial:{opts.port} and vsock:{opts.vsock_port} and {forward}"]
+        for port in (opts.vsock_port, FORWARD_VSOCK_PORT):
+            with pytest.raises(ch.ChannelError, match="in use"):  # our listeners hold them
+                ch.open_vsock_listener(port).close()
     client = Client(FdTransport(master))
     async with trio.open_nursery() as inner:
         inner.start_soon(client.receive_loop)
