@@ -21,7 +21,7 @@ import errno
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import trio
@@ -226,7 +226,22 @@ async def serve_listener(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Accept connections on ``listener`` (vsock, or unix in tests); one task each."""
+    """Serve the agent's ttrpc on ``listener`` (vsock, or unix in tests); a task a connection."""
+
+    async def serve(conn: socket.socket) -> None:
+        await server.serve_transport(SocketTransport(conn))
+
+    await serve_host_connections(listener, serve, "agent channel", task_status=task_status)
+
+
+async def serve_host_connections(
+    listener: socket.socket,
+    handle: Callable[[socket.socket], Awaitable[None]],
+    what: str,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Accept the host's connections on ``listener``; ``handle`` each on a task of its own."""
     listener.setblocking(False)
     async with trio.open_nursery() as nursery:
         task_status.started()
@@ -239,16 +254,16 @@ async def serve_listener(
             except OSError as exc:
                 if exc.errno in (errno.EBADF, errno.EINVAL):
                     return  # closed under us
-                log.warning("agent channel: accept failed: %s", exc)
+                log.warning("%s: accept failed: %s", what, exc)
                 await trio.sleep(0.1)
                 continue
             if not host_peer(listener.family, peer):
                 # vsock loopback lets processes in this VM (a container) dial
                 # us too: only the host may drive the agent.
-                log.warning("agent channel: refused a connection from %s", peer)
+                log.warning("%s: refused a connection from %s", what, peer)
                 conn.close()
                 continue
-            nursery.start_soon(server.serve_transport, SocketTransport(conn))
+            nursery.start_soon(handle, conn)
 
 
 def host_peer(family: int, peer: object) -> bool:

@@ -11,13 +11,12 @@ as on the agent's own port. A bad request or a refused dial is answered with
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import socket
 
 import trio
 
-from shimv2.guest.channel import host_peer
+from shimv2.guest.channel import serve_host_connections
 from shimv2.guest_protocol import (
     FORWARD_OK,
     FORWARD_REQUEST_MAX,
@@ -95,29 +94,14 @@ async def serve_port_forward(
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Accept the host's forwards on ``listener`` (vsock; unix in tests), a few at once."""
-    listener.setblocking(False)
     limit = trio.CapacityLimiter(MAX_CONNECTIONS)
 
     async def one(conn: socket.socket) -> None:
+        if limit.available_tokens == 0:
+            log.warning("port-forward: more than %d at once, refused one", MAX_CONNECTIONS)
+            conn.close()
+            return
         async with limit:
             await handle(trio.SocketStream(trio.socket.from_stdlib_socket(conn)))
 
-    async with trio.open_nursery() as nursery:
-        task_status.started()
-        while True:
-            try:
-                conn, peer = listener.accept()
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(listener)
-                continue
-            except OSError as exc:
-                if exc.errno in (errno.EBADF, errno.EINVAL):
-                    return  # closed under us
-                log.warning("port-forward: accept failed: %s", exc)
-                await trio.sleep(0.1)
-                continue
-            if not host_peer(listener.family, peer) or limit.available_tokens == 0:
-                log.warning("port-forward: refused a connection from %s", peer)
-                conn.close()
-                continue
-            nursery.start_soon(one, conn)
+    await serve_host_connections(listener, one, "port-forward", task_status=task_status)

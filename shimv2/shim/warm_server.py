@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import socket
-import struct
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 from shimv2.errdefs import AlreadyExists
 from shimv2.shim.bootstrap import listen
 from shimv2.shim.warm import MAX_REQUEST, REQUEST_TIMEOUT, SOCKET, BadRequest, parse_request
+from shimv2.ttrpc import peer_credentials
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,6 @@ _PR_SET_MM = 35
 _PR_SET_MM_ARG_START = 8
 _PR_SET_MM_ARG_END = 9
 _CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def _peer(conn: socket.socket) -> tuple[int, int]:
-    """The connecting process's pid and uid."""
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
-    pid, uid, _gid = struct.unpack("3i", creds)
-    return pid, uid
 
 
 def serve(path: str = SOCKET, *, preload: Sequence[str] = PRELOAD) -> int:
@@ -97,7 +90,10 @@ def _answer(conn: socket.socket, listener: socket.socket) -> None:
     fds: list[int] = []
     try:
         conn.settimeout(REQUEST_TIMEOUT)
-        peer_pid, peer_uid = _peer(conn)
+        creds = peer_credentials(conn)
+        if creds is None:
+            raise BadRequest("not a unix socket peer")
+        peer_pid, peer_uid = creds.pid, creds.uid
         if peer_uid != 0:
             raise BadRequest(f"uid {peer_uid} may not ask for a shim")
         body, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, 2)

@@ -26,7 +26,7 @@ class PeerCredentials(NamedTuple):  # not a dataclass: see _codec.RequestReceive
     gid: int
 
 
-def peer_credentials(sock: trio.socket.SocketType) -> PeerCredentials | None:
+def peer_credentials(sock: socket.socket | trio.socket.SocketType) -> PeerCredentials | None:
     if sock.family != socket.AF_UNIX:
         return None
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)

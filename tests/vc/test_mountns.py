@@ -24,10 +24,7 @@ from shimv2.vc.storage import (
     unmount_all,
 )
 from tests.mountinfo import mounts_in_every_namespace
-
-
-def sh(*argv: str | Path) -> None:
-    subprocess.run([str(a) for a in argv], check=True, capture_output=True)
+from tests.vc.test_storage import sh
 
 
 def mount_points(ns: MountNamespace) -> list[str]:

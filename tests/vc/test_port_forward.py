@@ -12,15 +12,15 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
-from shimv2.guest.port_forward import serve_port_forward
 from shimv2.vc.mountns import NSENTER
 from shimv2.vc.port_forward import RULE_COMMENT, PortForward
+from tests.guest.test_port_forward import guest  # noqa: F401 - a fixture
 
 # Sends argv[2] argv[3] times, then prints what came back (before an EOF or a reset).
 CLIENT = """
@@ -47,17 +47,6 @@ def netns() -> Iterator[str]:
         yield f"/run/netns/{name}"
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-@pytest.fixture
-async def guest_socket(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Path]:
-    path = tmp_path / "forward.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(path))
-    listener.listen(8)
-    await nursery.start(serve_port_forward, listener)
-    yield path
-    listener.close()
 
 
 async def upper_server(nursery: trio.Nursery) -> int:
@@ -91,7 +80,9 @@ def rules(netns: str) -> str:
 
 
 async def test_a_dial_on_the_pods_loopback_reaches_the_guests(
-    netns: str, guest_socket: Path, nursery: trio.Nursery
+    netns: str,
+    guest: Path,  # noqa: F811 - the fixture imported above
+    nursery: trio.Nursery,
 ) -> None:
     port = await upper_server(nursery)
     assert (await client_in(netns, port, "x")).startswith("failed")  # nothing there before
@@ -100,7 +91,7 @@ async def test_a_dial_on_the_pods_loopback_reaches_the_guests(
 
     async def serve() -> None:
         with scope:
-            await relay.serve(functools.partial(trio.open_unix_socket, str(guest_socket)))
+            await relay.serve(functools.partial(trio.open_unix_socket, str(guest)))
 
     nursery.start_soon(serve)
     assert RULE_COMMENT in rules(netns)
@@ -115,13 +106,15 @@ async def test_a_dial_on_the_pods_loopback_reaches_the_guests(
 
 
 async def test_a_port_the_guest_does_not_listen_on_gets_nothing(
-    netns: str, guest_socket: Path, nursery: trio.Nursery
+    netns: str,
+    guest: Path,  # noqa: F811 - the fixture imported above
+    nursery: trio.Nursery,
 ) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
     relay = await PortForward.start(netns)
-    nursery.start_soon(relay.serve, functools.partial(trio.open_unix_socket, str(guest_socket)))
+    nursery.start_soon(relay.serve, functools.partial(trio.open_unix_socket, str(guest)))
     try:
         assert await client_in(netns, closed, "anyone?") == ""  # accepted, then closed at once
     finally:
