@@ -188,7 +188,7 @@ class Sandbox:
             return
         try:
             relay = await PortForward.start(self.state.netns)
-        except Error as exc:
+        except (Error, OSError) as exc:  # the pod runs on without it
             log.warning("sandbox %s: no port-forward: %s", self.id, exc)
             return
         self._port_forward = relay
