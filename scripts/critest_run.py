@@ -470,16 +470,10 @@ KNOWN_DIFFERENCES = {
     "[k8s.io] Container Mount Propagation runtime should support mount propagation mount with "
     "'rshared' should support propagation from host to container and vice versa":
         "rshared mount propagation",
-    "[k8s.io] Container Mount Readonly runtime should support readonly mounts should support "
-    "non-recursive readonly mounts": "Read-only hostPath mounts with a submount",
-    "[k8s.io] Container Mount Readonly runtime should support readonly mounts should support "
-    "recursive readonly mounts": "Read-only hostPath mounts with a submount",
     "[k8s.io] Security Context NamespaceOption runtime should support HostIpc is true":
         "Host IPC",
     "[k8s.io] Security Context NamespaceOption runtime should support HostNetwork is true":
         "Host network",
-    "[k8s.io] Streaming runtime should support streaming interfaces runtime should support "
-    "portforward [Conformance]": "Port-forward",
     "[k8s.io] Streaming runtime should support streaming interfaces runtime should support "
     "portforward in host network": "Host network",
 }  # fmt: skip
