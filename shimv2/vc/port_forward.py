@@ -78,12 +78,9 @@ class PortForward:
     """One pod's relay: its listener in the pod's namespace and the rule that feeds it."""
 
     netns: str
-    listener: socket.socket
+    listener: trio.socket.SocketType
+    port: int  # the listener's, kept for the rule's removal after it is closed
     iptables: str
-
-    @property
-    def port(self) -> int:
-        return int(self.listener.getsockname()[1])
 
     @classmethod
     async def start(cls, netns: str, iptables: str | None = None) -> PortForward:
@@ -102,8 +99,10 @@ class PortForward:
                 raise
             return sock
 
-        listener = await trio.to_thread.run_sync(run_in_netns, netns, listen)
-        relay = cls(netns, listener, iptables)
+        listener = trio.socket.from_stdlib_socket(
+            await trio.to_thread.run_sync(run_in_netns, netns, listen)
+        )
+        relay = cls(netns, listener, int(listener.getsockname()[1]), iptables)
         try:
             await relay._iptables("-A")
         except BaseException:
@@ -122,11 +121,12 @@ class PortForward:
     async def serve(self, dial_guest: DialGuest) -> None:
         """Accept and relay until cancelled; each connection on its own task."""
         limit = trio.CapacityLimiter(MAX_CONNECTIONS)
-        listener = trio.socket.from_stdlib_socket(self.listener)
         async with trio.open_nursery() as nursery:
             while True:
                 try:
-                    conn, _ = await listener.accept()
+                    conn, _ = await self.listener.accept()
+                except trio.ClosedResourceError:
+                    return  # stopped
                 except OSError as exc:
                     log.warning("port-forward: accept: %s", exc)
                     await trio.sleep(0.1)
@@ -171,9 +171,8 @@ class PortForward:
         return None
 
     async def stop(self) -> None:
-        """Remove the rule (the namespace may be gone already) and close the listener."""
-        try:
-            with contextlib.suppress(Internal):
-                await self._iptables("-D")
-        finally:
-            self.listener.close()
+        """Close the listener (waking a pending accept), then remove the rule (the
+        namespace may be gone already)."""
+        self.listener.close()
+        with contextlib.suppress(Internal, OSError):
+            await self._iptables("-D")
