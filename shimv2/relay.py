@@ -1,27 +1,68 @@
-"""Copying bytes both ways between two trio streams, for port-forward's host and guest ends."""
+"""Copying bytes both ways between two trio streams, for port-forward's host and guest ends.
+
+Half-closes are passed on only to a sink that keeps them (``eof_to_*``: TCP), never over
+the vsock leg: vhost-device-vsock turns a host-side ``SHUT_WR`` into the end of the whole
+connection, and passes no guest ``SHUT_WR`` on at all. So once one direction has ended,
+the other goes on while bytes move and ends after ``linger`` seconds without any, as
+containerd's own port-forward copy and socat do.
+"""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import trio
 
 CHUNK = 65536
+LINGER = 1.0
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
-async def copy(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
-    """Bytes from ``source`` to ``sink``; then pass the end on (half-close where possible)."""
+async def copy(
+    source: trio.abc.Stream, sink: trio.abc.Stream, *, eof: bool, moved: Callable[[], None]
+) -> None:
+    """Bytes from ``source`` to ``sink`` until ``source`` ends; then, with ``eof``, half-close."""
     with contextlib.suppress(*_GONE):
         while data := await source.receive_some(CHUNK):
             await sink.send_all(data)
-    if isinstance(sink, trio.abc.HalfCloseableStream):
+            moved()
+    if eof and isinstance(sink, trio.abc.HalfCloseableStream):
         with contextlib.suppress(*_GONE):
             await sink.send_eof()
 
 
-async def splice(a: trio.abc.Stream, b: trio.abc.Stream) -> None:
-    """Both directions until both ended; then both streams are closed."""
+async def splice(
+    a: trio.abc.Stream,
+    b: trio.abc.Stream,
+    *,
+    eof_to_a: bool,
+    eof_to_b: bool,
+    linger: float = LINGER,
+) -> None:
+    """Both directions until both ended, or one ended and the other idled ``linger`` s;
+    then both streams are closed."""
+    last = trio.current_time()
+    left = 2
+    one_ended, both_ended = trio.Event(), trio.Event()
+
+    def moved() -> None:
+        nonlocal last
+        last = trio.current_time()
+
+    async def direction(source: trio.abc.Stream, sink: trio.abc.Stream, eof: bool) -> None:
+        nonlocal left
+        await copy(source, sink, eof=eof, moved=moved)
+        left -= 1
+        one_ended.set()
+        if not left:
+            both_ended.set()
+
     async with a, b, trio.open_nursery() as nursery:
-        nursery.start_soon(copy, a, b)
-        nursery.start_soon(copy, b, a)
+        nursery.start_soon(direction, a, b, eof_to_b)
+        nursery.start_soon(direction, b, a, eof_to_a)
+        await one_ended.wait()
+        while not both_ended.is_set() and trio.current_time() < last + linger:
+            with trio.move_on_at(last + linger):
+                await both_ended.wait()
+        nursery.cancel_scope.cancel()

@@ -78,7 +78,7 @@ async def handle(host: trio.abc.Stream) -> None:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             await target.aclose()
             return
-        await splice(host, target)
+        await splice(host, target, eof_to_a=False, eof_to_b=True)  # a is vsock
 
 
 async def _refuse(host: trio.abc.Stream, reason: str) -> None:

@@ -9,7 +9,7 @@ an iptables ``REDIRECT`` in the namespace's nat OUTPUT chain sends every other
 TCP connection to 127.0.0.1 there. For each connection the relay reads the
 port that was asked for (``SO_ORIGINAL_DST``), opens a stream to the agent's
 forward port (``shimv2.guest_protocol``, vsock only), names the port, and
-copies bytes both ways once the guest answers OK.
+copies bytes both ways once the guest answers OK (``shimv2.relay``).
 
 Trust: the relay only ever connects to the guest, never where the guest says;
 the guest's answer is bounded and must be exactly OK. A pod whose agent is on
@@ -147,11 +147,12 @@ class PortForward:
                 log.info("port-forward: a connection without a redirected port (%s)", exc)
                 await client.aclose()
                 return
+            log.debug("port-forward: a connection to port %d", port)
             guest = await self._open_guest(port, dial_guest)
             if guest is None:
                 await client.aclose()
                 return
-            await splice(client, guest)
+            await splice(client, guest, eof_to_a=True, eof_to_b=False)  # b is vsock
 
     async def _open_guest(self, port: int, dial_guest: DialGuest) -> trio.abc.Stream | None:
         guest: trio.abc.Stream | None = None
@@ -164,6 +165,7 @@ class PortForward:
             log.info("port-forward to %d: the guest cannot be reached: %s", port, exc)
         else:
             if answer == FORWARD_OK:
+                log.debug("port-forward to %d: the guest dialled it", port)
                 return guest
             log.info("port-forward to %d: %r", port, answer[:FORWARD_REPLY_MAX])
         if guest is not None:

@@ -200,31 +200,35 @@ def mount_rootfs(
     target = host_rootfs(sandbox_dir, cid)
     for m in mounts:
         _check(m)
-    with host():
-        bundle_root = None if mounts else _bundle_root(bundle, root_path)
-    with contextlib.ExitStack() as stack:
-        if bundle_root is not None:
-            stack.enter_context(safefs.opened(bundle_root))
-        mounts_fd = stack.enter_context(safefs.opened(_open_mounts(sandbox_dir)))
-        cdir = stack.enter_context(safefs.opened(safefs.makedirs(mounts_fd, container_id(cid))))
-        if bundle_root is not None:
-            record.append(str(target))
-            tree = linux.open_tree_clone(bundle_root, "", recursive=True)
-            _attach(tree, cdir, "rootfs", ["rbind"])
-        for m in mounts:
-            record.append(str(target))
-            if m.type in ("bind", "rbind"):
-                recursive = m.type == "rbind" or "rbind" in m.options
-                with host():
-                    tree = _clone(m.source, recursive)
-                _attach(tree, cdir, "rootfs", list(m.options))
-                continue
-            flags, data = _fs_flags_and_data(m.options)
-            with safefs.opened(safefs.make_mount_point(cdir, "rootfs", directory=True)) as fd:
-                try:
-                    linux.mount(m.source, linux.fd_path(fd), m.type, flags, data)
-                except OSError as exc:
-                    raise Internal(f"mount {m.type} on {target}: {exc.strerror}") from None
+    bundle_tree = None  # the bundle's root.path, cloned (detached) where it was opened
+    if not mounts:
+        with host(), safefs.opened(_bundle_root(bundle, root_path)) as bundle_root:
+            bundle_tree = linux.open_tree_clone(bundle_root, "", recursive=True)
+    try:
+        with contextlib.ExitStack() as stack:
+            mounts_fd = stack.enter_context(safefs.opened(_open_mounts(sandbox_dir)))
+            cdir = stack.enter_context(safefs.opened(safefs.makedirs(mounts_fd, container_id(cid))))
+            if bundle_tree is not None:
+                record.append(str(target))
+                tree, bundle_tree = bundle_tree, None  # _attach owns it now
+                _attach(tree, cdir, "rootfs", ["rbind"])
+            for m in mounts:
+                record.append(str(target))
+                if m.type in ("bind", "rbind"):
+                    recursive = m.type == "rbind" or "rbind" in m.options
+                    with host():
+                        tree = _clone(m.source, recursive)
+                    _attach(tree, cdir, "rootfs", list(m.options))
+                    continue
+                flags, data = _fs_flags_and_data(m.options)
+                with safefs.opened(safefs.make_mount_point(cdir, "rootfs", directory=True)) as fd:
+                    try:
+                        linux.mount(m.source, linux.fd_path(fd), m.type, flags, data)
+                    except OSError as exc:
+                        raise Internal(f"mount {m.type} on {target}: {exc.strerror}") from None
+    finally:
+        if bundle_tree is not None:
+            os.close(bundle_tree)
     return target
 
 

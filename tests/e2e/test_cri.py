@@ -223,8 +223,11 @@ def port_forward(cri: Cri, pod: str, port: int) -> str:
     )  # fmt: skip
     try:
         assert forward.stdout is not None
-        line = forward.stdout.readline()  # "Forwarding from 127.0.0.1:<local> -> <port>"
-        assert "Forwarding from" in line, line
+        said = ""  # until "Forwarding from 127.0.0.1:<local> -> <port>", after crictl's warnings
+        while "Forwarding from" not in said:
+            line = forward.stdout.readline()
+            assert line, f"crictl port-forward ended: {said}"
+            said += line
         got = b""
         with socket.create_connection(("127.0.0.1", local), timeout=30) as conn:
             while data := conn.recv(4096):

@@ -17,6 +17,8 @@ import pytest
 from shimv2.errdefs import Internal
 from shimv2.vc.mountns import MountNamespace, nsenter_argv
 from shimv2.vc.storage import (
+    RootfsMount,
+    mount_rootfs,
     prepare_shared,
     release_shared,
     remove_container_dir,
@@ -24,7 +26,7 @@ from shimv2.vc.storage import (
     unmount_all,
 )
 from tests.mountinfo import mounts_in_every_namespace
-from tests.vc.test_storage import sh
+from tests.vc.test_storage import _layers, sh
 
 
 def mount_points(ns: MountNamespace) -> list[str]:
@@ -140,6 +142,33 @@ def test_virtiofsd_s_way_in_sees_the_tree(
     out = subprocess.run([*nsenter_argv(ns.path), "cat", str(shared)],
                          capture_output=True, text=True, check=True)  # fmt: skip
     assert out.stdout == "sub"
+
+
+@pytest.mark.parametrize("kind", ["bundle", "bind", "overlay"])
+def test_every_kind_of_rootfs_mounts_in_the_namespace(
+    ns: MountNamespace, sandbox: Path, tmp_path: Path, kind: str
+) -> None:
+    """The bundle's root.path and a bind are opened on the host's side, an overlay in the pod's."""
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    (bundle / "rootfs" / "hello").write_text("from the image")
+    layers = _layers(tmp_path)
+    mounts = {
+        "bundle": [],
+        "bind": [RootfsMount("bind", str(bundle / "rootfs"), ("rbind",))],
+        "overlay": [layers],
+    }[kind]
+    if kind == "overlay":
+        (tmp_path / "lower" / "hello").write_text("from the image")
+    record: list[str] = []
+    target = ns.call(mount_rootfs, sandbox, "c1", mounts, bundle, "rootfs", record, host=ns.host)
+    assert str(target) in mount_points(ns)
+    shared = sandbox / "shared" / "c1" / "rootfs" / "hello"
+    assert ns.call(shared.read_text) == "from the image"
+    with open("/proc/self/mountinfo") as f:
+        assert not any(str(sandbox) in line for line in f)
+    assert ns.call(unmount_all, sandbox, record) == []
+    assert str(target) not in mount_points(ns)
 
 
 def test_teardown_in_the_namespace_leaves_nothing(

@@ -27,6 +27,7 @@ from shimv2.vc.sandbox import SandboxConfig
 from tests.guest.rootfs import build_rootfs, make_spec
 from tests.leaks import RecordingCgroups, cgroup_hierarchies, process_cgroups, vm_processes
 from tests.mountinfo import mounts_in_every_namespace
+from tests.vc.test_port_forward import client_in
 
 pytestmark = pytest.mark.vm
 
@@ -625,3 +626,28 @@ async def test_qemu_and_virtiofsd_are_charged_to_the_pod_cgroup(
     await vc.stop_sandbox(s)
     await vc.delete_sandbox(s)
     assert [h for h in hierarchies if (h / top).exists()] == []
+
+
+async def test_port_forward_reaches_the_guests_loopback(
+    vc: VirtContainers, tmp_path: Path, pod_netns: tuple[str, str, str]
+) -> None:
+    """As containerd forwards a port: a dial on 127.0.0.1 inside the pod's netns on the host."""
+    netns, _, name = pod_netns
+    s = sid()
+    server = ["/bin/busybox", "nc", "-ll", "-p", "8080", "-e", "/bin/busybox", "echo", "hi"]
+    cfg = SandboxConfig(id=s, netns=netns, containers=(container(tmp_path, "c", server),))
+    await vc.run_sandbox(cfg)
+    if vc.config.hypervisor.agent_channel == "serial":  # no vsock: no relay, nothing answers
+        assert (await client_in(netns, 8080, "")).startswith("failed")
+    else:
+        got = ""
+        with trio.fail_after(60):
+            while got != "hi\n":  # the server may not listen yet
+                got = await client_in(netns, 8080, "")
+                await trio.sleep(0.2)
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)
+    rules = await trio.run_process(
+        ["ip", "netns", "exec", name, "iptables", "-t", "nat", "-S", "OUTPUT"], capture_stdout=True
+    )
+    assert b"kata-py port-forward" not in rules.stdout
