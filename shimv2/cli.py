@@ -96,13 +96,12 @@ def _checks(config_path: str | None) -> list[tuple[str, bool, str]]:
     check("agent channel", usable, f"{detail}; agent_channel = {hyp.agent_channel}")
     # Not a failure: pods run without it, only kubectl port-forward does not.
     iptables = shutil.which("iptables")
-    forward = (
-        "serial: no port-forward"
-        if channel == "serial"
-        else (
-            f"relay over vsock, iptables {iptables}" if iptables else "no iptables: no port-forward"
-        )
-    )
+    if channel == "serial":
+        forward = "serial: no port-forward"
+    elif iptables:
+        forward = f"relay over vsock, iptables {iptables}"
+    else:
+        forward = "no iptables: no port-forward"
     check("port-forward", True, forward)
     if qemu is not None and os.path.isfile(hyp.kernel):
         from shimv2.vc.accel import choose_accelerator

@@ -1,4 +1,5 @@
-"""Copying bytes both ways between two trio streams, for port-forward's host and guest ends.
+"""Copying bytes both ways between two trio streams, for port-forward's host and guest ends,
+and the bounded line reads that open such streams.
 
 Half-closes are passed on only to a sink that keeps them (``eof_to_*``: TCP), never over
 the vsock leg: vhost-device-vsock turns a host-side ``SHUT_WR`` into the end of the whole
@@ -17,6 +18,21 @@ import trio
 CHUNK = 65536
 LINGER = 1.0
 _GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+async def read_line(stream: trio.abc.Stream, limit: int) -> bytes:
+    """Up to and with the first newline, at most ``limit`` bytes, or what came before EOF.
+
+    A byte at a time, so that nothing past the line is consumed: the bytes after it
+    belong to whatever the line opens.
+    """
+    line = b""
+    while not line.endswith(b"\n") and len(line) < limit:
+        byte = await stream.receive_some(1)
+        if not byte:
+            break
+        line += byte
+    return line
 
 
 async def copy(

@@ -22,7 +22,7 @@ from shimv2.guest_protocol import (
     FORWARD_REQUEST_MAX,
     parse_forward_port,
 )
-from shimv2.relay import splice
+from shimv2.relay import read_line, splice
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,9 @@ MAX_CONNECTIONS = 64
 
 async def read_request(stream: trio.abc.Stream) -> bytes | None:
     """The request line without its newline; None if the host sent more or stopped short."""
-    line = b""
     with trio.move_on_after(REQUEST_TIMEOUT):
-        while not line.endswith(b"\n"):
-            if len(line) >= FORWARD_REQUEST_MAX:
-                return None
-            byte = await stream.receive_some(1)  # nothing past the line is the request's
-            if not byte:
-                return None
-            line += byte
-        return line[:-1]
+        line = await read_line(stream, FORWARD_REQUEST_MAX)
+        return line[:-1] if line.endswith(b"\n") else None
     return None
 
 

@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 
 from shimv2.errdefs import DeadlineExceeded, Error, Unavailable
 from shimv2.pb.kata import health_pb2
+from shimv2.relay import read_line
 from shimv2.ttrpc import Client, open_client, open_unix_stream
 from shimv2.vc.hypervisor import AgentEndpoint
 
@@ -107,17 +108,14 @@ async def hybrid_handshake(stream: trio.abc.Stream, port: int) -> None:
     stays silent past HANDSHAKE_TIMEOUT is an OSError, which the caller
     retries; anything else is Unavailable.
     """
-    line = b""
     try:
         with trio.fail_after(HANDSHAKE_TIMEOUT):
             await stream.send_all(f"CONNECT {port}\n".encode())
-            while not line.endswith(b"\n"):
-                byte = await stream.receive_some(1)
-                if not byte:
-                    raise ConnectionResetError(f"hybrid vsock: closed before OK to CONNECT {port}")
-                line += byte
-                if len(line) > MAX_HANDSHAKE_REPLY:
-                    raise Unavailable(f"hybrid vsock: reply too long: {line[:32]!r}")
+            line = await read_line(stream, MAX_HANDSHAKE_REPLY + 1)
+            if len(line) > MAX_HANDSHAKE_REPLY:
+                raise Unavailable(f"hybrid vsock: reply too long: {line[:32]!r}")
+            if not line.endswith(b"\n"):
+                raise ConnectionResetError(f"hybrid vsock: closed before OK to CONNECT {port}")
     except trio.BrokenResourceError as exc:
         raise ConnectionResetError(f"hybrid vsock: CONNECT {port}: {exc}") from exc
     except trio.TooSlowError:

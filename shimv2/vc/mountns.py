@@ -122,9 +122,10 @@ class MountNamespace:
         try:
             yield
         finally:
-            if self._libc.setns(self._ns_fd, CLONE_NEWNS) != 0:
+            back = self._libc.setns(self._ns_fd, CLONE_NEWNS)
+            if back != 0:
                 self._broken = True  # never mount the pod's tree in the host's namespace
-                _ns_call("setns", -1)
+            _ns_call("setns", back)
 
     def close(self) -> None:
         """Let go of the namespace; its mounts go once no process is left in it either."""

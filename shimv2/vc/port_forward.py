@@ -31,7 +31,7 @@ import trio
 
 from shimv2.errdefs import Error, Internal
 from shimv2.guest_protocol import FORWARD_OK, FORWARD_REPLY_MAX
-from shimv2.relay import splice
+from shimv2.relay import read_line, splice
 from shimv2.vc.mountns import NSENTER
 from shimv2.vc.network import run_in_netns
 
@@ -61,16 +61,6 @@ def original_port(sock: socket.socket | trio.socket.SocketType) -> int:
     if family != socket.AF_INET:
         raise OSError(f"not an IPv4 original destination (family {family})")
     return int(port)
-
-
-async def _guest_answer(stream: trio.abc.Stream) -> bytes:
-    line = b""
-    while not line.endswith(b"\n") and len(line) < FORWARD_REPLY_MAX:
-        byte = await stream.receive_some(1)  # nothing past the answer is the answer's
-        if not byte:
-            break
-        line += byte
-    return line
 
 
 @dataclass
@@ -160,7 +150,7 @@ class PortForward:
             with trio.fail_after(GUEST_TIMEOUT):
                 guest = await dial_guest()
                 await guest.send_all(f"{port}\n".encode())
-                answer = await _guest_answer(guest)
+                answer = await read_line(guest, FORWARD_REPLY_MAX)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, Error) as exc:
             log.info("port-forward to %d: the guest cannot be reached: %s", port, exc)
         else:
