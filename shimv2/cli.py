@@ -82,7 +82,7 @@ def _checks(config_path: str | None) -> list[tuple[str, bool, str]]:
     check("root", os.geteuid() == 0, "mounts, taps and namespaces need root")
     v2 = os.path.exists("/sys/fs/cgroup/cgroup.controllers")
     check("host cgroups", True, "v2" if v2 else "v1 (stats are reported as cgroups v1 Metrics)")
-    from shimv2.vc.vsock import default_backend, resolve_channel
+    from shimv2.vc.qemu_config import default_backend, resolve_channel
 
     backend = hyp.vsock_backend or default_backend()
     channel = resolve_channel(hyp.agent_channel, backend)
@@ -153,7 +153,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     from shimv2.errdefs import NotFound
-    from shimv2.shim.metrics import fetch_metrics, monitor_socket
+    from shimv2.shim.bootstrap import monitor_socket
+    from shimv2.shim.metrics import fetch_metrics
     from shimv2.vc.config import load_config
     from shimv2.vc.ids import sandbox_id
 

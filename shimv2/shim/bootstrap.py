@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 
 SOCKET_ROOT = "/run/containerd/s"
 ADDRESS_FILE = "address"
+MONITOR_DIR = "monitor"  # under the state directory: the daemons' metrics sockets
 # The configuration file CRI's runtime options named at start: ``delete`` runs
 # without those options, and must clean up with the same state directory.
 CONFIG_PATH_FILE = "kata-py-config-path"
@@ -150,6 +151,11 @@ def group_id(container_id: str, annotations: Mapping[str, str]) -> str:
     if annotations.get(CONTAINER_TYPE) == "container" and annotations.get(SANDBOX_ID):
         return annotations[SANDBOX_ID]
     return container_id
+
+
+def monitor_socket(state_dir: str, shim_id: str) -> str:
+    """Where a pod's daemon serves its metrics (``shimv2.shim.metrics``)."""
+    return os.path.join(state_dir, MONITOR_DIR, f"{shim_id}.sock")
 
 
 def socket_path(address: str, namespace: str, group: str, root: str = SOCKET_ROOT) -> str:

@@ -20,25 +20,24 @@ import stat
 import time
 from typing import TYPE_CHECKING
 
-import trio
-
 from shimv2.errdefs import Error
-from shimv2.pb.containerd.runtime.task.v2.shim_pb2 import DeleteResponse
 from shimv2.shim.bootstrap import (
     SANDBOX_ID,
     can_connect,
+    monitor_socket,
     read_annotations,
     read_config_path,
     socket_path,
 )
 from shimv2.shim.flags import Flags
-from shimv2.shim.metrics import monitor_socket
 from shimv2.vc.config import Config, load_config
 from shimv2.vc.ids import sandbox_id
 from shimv2.vc.persist import Store
 from shimv2.vc.storage import remove_container_dir, unmount_all
 
 if TYPE_CHECKING:
+    from shimv2.pb.containerd.runtime.task.v2.shim_pb2 import DeleteResponse
+
     # The whole of virtcontainers (QEMU, network, agent): imported only when a
     # sandbox has state left to clean, not by every ``delete``.
     from shimv2.vc.api import VirtContainers
@@ -49,6 +48,8 @@ KILLED_STATUS = 128 + 9
 
 
 def response() -> DeleteResponse:
+    from shimv2.pb.containerd.runtime.task.v2.shim_pb2 import DeleteResponse
+
     resp = DeleteResponse(pid=0, exit_status=KILLED_STATUS)
     resp.exited_at.FromNanoseconds(time.time_ns())
     return resp
@@ -94,6 +95,8 @@ async def _forget_container(vc: VirtContainers, sid: str, cid: str) -> bool:
 
     Returns True when no container of the sandbox is left.
     """
+    import trio
+
     store = vc.store
     async with store.locked(sid, exclusive=True):
         state = store.load(sid)
@@ -112,8 +115,13 @@ async def _forget_container(vc: VirtContainers, sid: str, cid: str) -> bool:
         return not state.containers
 
 
-async def clean(flags: Flags, bundle: str, config: Config | None = None) -> None:
-    """Undo what kata-py left for ``flags.id``; errors are logged, never raised."""
+def clean(flags: Flags, bundle: str, config: Config | None = None) -> None:
+    """Undo what kata-py left for ``flags.id``; errors are logged, never raised.
+
+    Runs after every shim that ends, a clean one included (containerd waits for
+    it before ``ctr run --rm`` returns): trio and virtcontainers are loaded only
+    when a sandbox has state left to clean.
+    """
     cid = flags.id
     try:
         annotations = read_annotations(bundle)
@@ -121,38 +129,45 @@ async def clean(flags: Flags, bundle: str, config: Config | None = None) -> None
         log.warning("delete %s: %s", cid, exc)
         annotations = {}
     sid = annotations.get(SANDBOX_ID) or cid
-    async with trio.open_nursery() as nursery:
-        state_dir = None
-        try:
-            # The file CRI's options named at start, recorded in the bundle; else the default.
-            config = config or load_config(read_config_path(bundle))
-            state_dir = config.runtime.state_dir
-            store = Store(state_dir)
-            if sid not in store.list():
-                log.debug("delete %s: no kata-py state for sandbox %s", cid, sid)
-            elif _shim_alive(flags, sid):
-                log.warning("delete %s: the shim of sandbox %s is alive; leaving it", cid, sid)
-            else:
-                from shimv2.vc.api import VirtContainers
-                from shimv2.vc.tracing import NoTracer
+    state_dir = None
+    try:
+        # The file CRI's options named at start, recorded in the bundle; else the default.
+        config = config or load_config(read_config_path(bundle))
+        state_dir = config.runtime.state_dir
+        store = Store(state_dir)
+        if sid not in store.list():
+            log.debug("delete %s: no kata-py state for sandbox %s", cid, sid)
+        elif _shim_alive(flags, sid):
+            log.warning("delete %s: the shim of sandbox %s is alive; leaving it", cid, sid)
+        else:
+            import trio
 
-                # NoTracer: nothing in this process sets up a provider to export spans to.
-                vc = VirtContainers(nursery, config, store=store, tracer=NoTracer())
-                if cid == sid or await _forget_container(vc, sid, cid):
-                    log.info("delete %s: cleaning up sandbox %s", cid, sid)
-                    await vc.cleanup_sandbox(sid)
-        except Exception:
-            log.exception("delete %s: cleaning up sandbox %s failed", cid, sid)
-        _remove_dead_socket(_shim_socket(flags, sid))
-        for path in _monitor_sockets(state_dir, sid, cid) if state_dir else []:
-            _remove_dead_socket(path)
-        rootfs = os.path.join(bundle, "rootfs")
-        if await trio.to_thread.run_sync(unmount_all, bundle, [rootfs]):
-            log.error("delete %s: could not unmount %s", cid, rootfs)
+            trio.run(_clean_sandbox, config, store, sid, cid)
+    except Exception:
+        log.exception("delete %s: cleaning up sandbox %s failed", cid, sid)
+    _remove_dead_socket(_shim_socket(flags, sid))
+    for path in _monitor_sockets(state_dir, sid, cid) if state_dir else []:
+        _remove_dead_socket(path)
+    rootfs = os.path.join(bundle, "rootfs")
+    if unmount_all(bundle, [rootfs]):
+        log.error("delete %s: could not unmount %s", cid, rootfs)
+
+
+async def _clean_sandbox(config: Config, store: Store, sid: str, cid: str) -> None:
+    import trio
+
+    from shimv2.vc.api import VirtContainers
+    from shimv2.vc.tracing import NoTracer
+
+    async with trio.open_nursery() as nursery:
+        # NoTracer: nothing in this process sets up a provider to export spans to.
+        vc = VirtContainers(nursery, config, store=store, tracer=NoTracer())
+        if cid == sid or await _forget_container(vc, sid, cid):
+            log.info("delete %s: cleaning up sandbox %s", cid, sid)
+            await vc.cleanup_sandbox(sid)
 
 
 def delete(flags: Flags, config: Config | None = None) -> bytes:
     """Run ``delete``; returns the serialized ``DeleteResponse`` for stdout."""
-    bundle = flags.bundle or os.getcwd()
-    trio.run(clean, flags, bundle, config)
+    clean(flags, flags.bundle or os.getcwd(), config)
     return response().SerializeToString()

@@ -27,10 +27,10 @@ import trio
 
 from shimv2.errdefs import Error
 from shimv2.shim import logging as shim_logging
-from shimv2.shim.bootstrap import SHUTDOWN_SIGNALS
+from shimv2.shim.bootstrap import SHUTDOWN_SIGNALS, monitor_socket
 from shimv2.shim.events import Publisher
 from shimv2.shim.flags import Flags
-from shimv2.shim.metrics import ShimMetrics, listen_monitor, monitor_socket, serve_metrics
+from shimv2.shim.metrics import ShimMetrics, listen_monitor, serve_metrics
 from shimv2.shim.shutdown import Shutdown
 from shimv2.ttrpc import Server, Service
 from shimv2.vc.api import VirtContainers

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MONITOR_DIR = "monitor"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BUCKETS_MS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0)
 MAX_REQUEST = 8 * 1024  # a scrape is one short GET
@@ -45,10 +44,6 @@ PROC_STATUS_ITEMS = ("VmPeak", "VmSize", "VmHWM", "VmRSS", "RssAnon", "RssFile")
 
 # (sandbox id, component, pid): component is "hypervisor" or "virtiofsd".
 VmProcesses = Callable[[], Iterable[tuple[str, str, int]]]
-
-
-def monitor_socket(state_dir: str, shim_id: str) -> str:
-    return os.path.join(state_dir, MONITOR_DIR, f"{shim_id}.sock")
 
 
 @dataclass

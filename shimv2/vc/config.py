@@ -20,9 +20,14 @@ from pathlib import Path
 from typing import Any
 
 from shimv2.errdefs import InvalidArgument
-from shimv2.vc.qemu_config import DEFAULT_MEMORY_MIB, TCG_TB_SIZE_MIB, QemuConfig, default_guest_dir
-from shimv2.vc.virtiofsd import VIRTIOFSD
-from shimv2.vc.vsock import default_backend
+from shimv2.vc.qemu_config import (
+    DEFAULT_MEMORY_MIB,
+    TCG_TB_SIZE_MIB,
+    VIRTIOFSD,
+    QemuConfig,
+    default_backend,
+    default_guest_dir,
+)
 
 DEFAULT_PATH = Path("/etc/kata-py/configuration.toml")
 ANNOTATION_PREFIX = "io.katacontainers.config."

@@ -21,8 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import trio
-
 from shimv2.errdefs import (
     DataLoss,
     DeadlineExceeded,
@@ -181,6 +179,8 @@ class Store:
         self, sid: str, *, exclusive: bool, timeout: float = LOCK_TIMEOUT
     ) -> AsyncIterator[None]:
         """Hold the sandbox's flock; polled, so it never blocks the trio loop."""
+        import trio  # here: ``delete`` reads states without loading trio
+
         lock = self.sandbox_dir(sid) / "lock"
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)

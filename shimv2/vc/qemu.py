@@ -45,13 +45,13 @@ from shimv2.vc.qemu_config import (
     QemuConfig,
     host_tsc_khz,
     image_mib,
+    resolve_channel,
 )
 from shimv2.vc.virtiofsd import start_virtiofsd
 from shimv2.vc.vsock import (
     VSOCK_START_POLL,
     backend_argv_marker,
     listening,
-    resolve_channel,
     start_backend,
     vsock_start_grace,
 )

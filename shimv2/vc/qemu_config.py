@@ -13,9 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shimv2.errdefs import FailedPrecondition, InvalidArgument
-from shimv2.vc.virtiofsd import VIRTIOFSD
-from shimv2.vc.vsock import CHANNELS, default_backend
 
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
+# The agent channel's transports (``shimv2.vc.vsock``); "auto": the best this host has.
+CHANNELS = ("auto", "serial", "vsock", "hybrid-vsock")
+VSOCK_BACKEND = "vhost-device-vsock"
+VHOST_VSOCK = "/dev/vhost-vsock"
 SHARED_TAG = "kataShared"
 # Trimmed kernel command line measured in the VM recipe; tsc_early_khz keeps
 # microvm from hanging while it calibrates the TSC under TCG.
@@ -50,6 +53,25 @@ IMAGE_ALIGN_MIB = 128
 IMAGE_MAX_MIB = 1024
 LOW_RAM_ALIGN_MIB = 2
 LOW_RAM_MAX_MIB = 1024
+
+
+def default_backend() -> str:
+    """``vhost-device-vsock`` as scripts/setup builds it (build/bin), else on PATH; "" if none."""
+    built = Path(__file__).resolve().parents[2] / "build" / "bin" / VSOCK_BACKEND
+    if os.access(built, os.X_OK):
+        return str(built)
+    return shutil.which(VSOCK_BACKEND) or ""
+
+
+def resolve_channel(requested: str, backend: str, vhost_vsock: str = VHOST_VSOCK) -> str:
+    """The transport to use: ``requested``, or for ``auto`` the best this host has."""
+    if requested != "auto":
+        return requested
+    if os.path.exists(vhost_vsock):
+        return "vsock"
+    if backend and os.access(backend, os.X_OK):
+        return "hybrid-vsock"
+    return "serial"
 
 
 def default_guest_dir() -> Path:

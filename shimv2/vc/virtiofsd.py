@@ -8,9 +8,7 @@ from pathlib import Path
 
 from shimv2.vc.mountns import nsenter_argv
 from shimv2.vc.procs import Child
-
-VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
-
+from shimv2.vc.qemu_config import VIRTIOFSD
 
 # Extended attributes the guest may use on host files: file capabilities (an
 # image's setcap binaries must keep working, and guest root can make setuid

@@ -43,10 +43,9 @@ from shimv2.vc.agent import AgentClient, connect_agent
 from shimv2.vc.factory import Factory
 from shimv2.vc.ids import check_id
 from shimv2.vc.qemu import Qemu
-from shimv2.vc.qemu_config import QemuConfig
+from shimv2.vc.qemu_config import QemuConfig, resolve_channel
 from shimv2.vc.ratelimit import Backoff
 from shimv2.vc.template import clones_dir, template_key
-from shimv2.vc.vsock import resolve_channel
 
 log = logging.getLogger(__name__)
 

@@ -18,17 +18,14 @@ listen on AF_VSOCK whatever serves the device.
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import trio
 
 from shimv2.errdefs import FailedPrecondition, Unavailable
 from shimv2.vc.procs import Child
+from shimv2.vc.qemu_config import VSOCK_BACKEND
 
-CHANNELS = ("auto", "serial", "vsock", "hybrid-vsock")
-BACKEND_NAME = "vhost-device-vsock"
-VHOST_VSOCK = "/dev/vhost-vsock"
 # Each VM has its own backend, so every guest may have the same CID.
 HYBRID_GUEST_CID = 3
 LISTEN_TIMEOUT = 5.0  # seconds for a backend to listen (~10 ms measured)
@@ -38,25 +35,6 @@ VSOCK_START_POLL = 0.05
 VSOCK_START_GRACE = 0.1
 VSOCK_START_GRACE_MAX = 2.0
 _UNIX_LISTENING = 0x10000  # __SO_ACCEPTCON in /proc/net/unix's flags
-
-
-def default_backend() -> str:
-    """``vhost-device-vsock`` as scripts/setup builds it (build/bin), else on PATH; "" if none."""
-    built = Path(__file__).resolve().parents[2] / "build" / "bin" / BACKEND_NAME
-    if os.access(built, os.X_OK):
-        return str(built)
-    return shutil.which(BACKEND_NAME) or ""
-
-
-def resolve_channel(requested: str, backend: str, vhost_vsock: str = VHOST_VSOCK) -> str:
-    """The transport to use: ``requested``, or for ``auto`` the best this host has."""
-    if requested != "auto":
-        return requested
-    if os.path.exists(vhost_vsock):
-        return "vsock"
-    if backend and os.access(backend, os.X_OK):
-        return "hybrid-vsock"
-    return "serial"
 
 
 def vsock_start_grace(qmp_round_trip: float) -> float:
@@ -94,12 +72,12 @@ async def start_backend(
     """
     if not binary or not os.access(binary, os.X_OK):
         raise FailedPrecondition(
-            f"agent channel hybrid-vsock needs {BACKEND_NAME} (scripts/build-vsock-backend)"
+            f"agent channel hybrid-vsock needs {VSOCK_BACKEND} (scripts/build-vsock-backend)"
         )
     spec = f"guest-cid={HYBRID_GUEST_CID},socket={vhost_socket},uds-path={hybrid_socket}"
     with open(log_path, "ab") as log_file:
         child = await Child.spawn(
-            BACKEND_NAME, [binary, "--vm", spec], stderr=log_file.fileno(), cgroup=cgroup
+            VSOCK_BACKEND, [binary, "--vm", spec], stderr=log_file.fileno(), cgroup=cgroup
         )
     try:
         with trio.move_on_after(LISTEN_TIMEOUT):
@@ -109,7 +87,7 @@ async def start_backend(
                 await trio.sleep(0.005)
             else:
                 return child
-        raise Unavailable(f"{BACKEND_NAME} did not listen: {_tail(log_path)}")
+        raise Unavailable(f"{VSOCK_BACKEND} did not listen: {_tail(log_path)}")
     except BaseException:
         with trio.CancelScope(shield=True):
             await child.stop(grace=1.0)

@@ -161,6 +161,8 @@ def stop_daemon(e: Env, cid: str) -> None:
 
 def test_start_spawns_a_detached_daemon_and_a_pod_shares_it(env: Env) -> None:
     env.bundle("c1")
+    # containerd's own shims make it 0700 when they come first (a critest run, say)
+    had_socket_dir = os.path.exists("/run/containerd/s")
     began = time.monotonic()
     out = env.start("c1")
     took = time.monotonic() - began
@@ -168,7 +170,8 @@ def test_start_spawns_a_detached_daemon_and_a_pod_shares_it(env: Env) -> None:
     assert (out.returncode, out.stdout.decode(), out.stderr) == (0, address, b"")
     assert took < 5, "start waited for its daemon: the daemon holds start's pipes"
     assert stat.S_IMODE(os.stat(env.socket("c1")).st_mode) == 0o600
-    assert stat.S_IMODE(os.stat("/run/containerd/s").st_mode) & 0o711 == 0o711
+    if not had_socket_dir:
+        assert stat.S_IMODE(os.stat("/run/containerd/s").st_mode) & 0o711 == 0o711
     assert (env.root / "c1" / "address").read_text() == address
 
     [(pid, cmd)] = processes(env.address).items()

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from shimv2.pb.containerd.runtime.task.v2.shim_pb2 import DeleteResponse
-from shimv2.shim.bootstrap import CONFIG_PATH_FILE, socket_path
+from shimv2.shim.bootstrap import CONFIG_PATH_FILE, monitor_socket, socket_path
 from shimv2.shim.cleanup import clean
 from shimv2.shim.flags import Flags
-from shimv2.shim.metrics import monitor_socket
 from shimv2.vc.config import Config, RuntimeConfig
 from shimv2.vc.persist import ContainerState, SandboxState, Store
 from shimv2.vc.storage import host_rootfs, prepare_shared
@@ -126,7 +125,7 @@ def test_delete_with_nothing_to_clean(tmp_path: Path) -> None:
     assert DeleteResponse.FromString(out.stdout).exit_status == 137
 
 
-async def test_container_then_sandbox_from_state(tmp_path: Path, mounts: list[Path]) -> None:
+def test_container_then_sandbox_from_state(tmp_path: Path, mounts: list[Path]) -> None:
     state_dir = tmp_path / "state"
     store = Store(state_dir)
     store.create("pod1")
@@ -154,14 +153,14 @@ async def test_container_then_sandbox_from_state(tmp_path: Path, mounts: list[Pa
     b2.mkdir()
     (b2 / "config.json").write_text(json.dumps({"annotations": {CRI_SANDBOX: "pod1"}}))
 
-    await clean(Flags(id="c2", namespace="default"), str(b2), config)
+    clean(Flags(id="c2", namespace="default"), str(b2), config)
     assert not is_mountpoint(roots["c2"])
     assert not is_mountpoint(shared / "c2" / "rootfs")
     assert not (top / "mounts" / "c2").exists()
     assert is_mountpoint(roots["pod1"])
     assert list(store.load("pod1").containers) == ["pod1"]
 
-    await clean(Flags(id="pod1", namespace="default"), str(tmp_path / "b1"), config)
+    clean(Flags(id="pod1", namespace="default"), str(tmp_path / "b1"), config)
     assert not is_mountpoint(roots["pod1"])
     assert not is_mountpoint(top / "shared")
     assert not is_mountpoint(top / "mounts")

@@ -1,5 +1,6 @@
 """The shim's paths load only what they use: ``start`` no trio nor protobuf (containerd
-waits on it), ``delete`` no virtcontainers when there is nothing to clean, the daemon
+waits on it), ``delete`` no trio nor virtcontainers when there is nothing to clean
+(containerd runs it after every shim, and ``ctr run --rm`` waits for it), the daemon
 no pyroute2, OpenTelemetry, h11 or stats until a pod needs them."""
 
 from __future__ import annotations
@@ -58,13 +59,16 @@ assert out, out
 """
 
 
-def test_delete_with_nothing_to_clean_loads_no_virtcontainers(tmp_path: Path) -> None:
+def test_delete_with_nothing_to_clean_loads_neither_trio_nor_virtcontainers(
+    tmp_path: Path,
+) -> None:
     (tmp_path / "bundle").mkdir()
     modules = imported_by(DELETE, str(tmp_path / "bundle"), str(tmp_path / "state"))
     assert "shimv2.shim.cleanup" in modules
     # No QEMU, QMP (asyncio), agent, sandbox or network: only the config and the store.
     assert not loaded(modules, "shimv2.vc.api", "shimv2.vc.sandbox", "shimv2.vc.network")
     assert not loaded(modules, "shimv2.vc.qmp", "qemu", "asyncio", *OPTIONAL)
+    assert not loaded(modules, "trio", "shimv2.vc.procs", "shimv2.vc.mountns")
 
 
 def test_daemon_loads_no_optional_parts_before_a_pod_needs_them() -> None:

@@ -13,13 +13,13 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
+from shimv2.shim.bootstrap import monitor_socket
 from shimv2.shim.metrics import (
     BUCKETS_MS,
     RpcHistogram,
     ShimMetrics,
     fetch_metrics,
     listen_monitor,
-    monitor_socket,
     sample_process,
     serve_metrics,
 )

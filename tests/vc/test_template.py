@@ -33,11 +33,10 @@ from shimv2.vc.config import (
 from shimv2.vc.container import ContainerConfig
 from shimv2.vc.factory import DirectFactory
 from shimv2.vc.qemu import Qemu
-from shimv2.vc.qemu_config import Nic, QemuConfig
+from shimv2.vc.qemu_config import Nic, QemuConfig, default_backend, resolve_channel
 from shimv2.vc.sandbox import LATE_VSOCK_PATIENCE, SandboxConfig
 from shimv2.vc.template import TemplateFactory, template_key
 from shimv2.vc.testing import RecordingFactory
-from shimv2.vc.vsock import default_backend, resolve_channel
 from tests.guest.rootfs import build_rootfs, make_spec
 from tests.leaks import RecordingCgroups
 from tests.vc.test_sandbox import container, host_cgroups, pod_netns, sid, state_dir

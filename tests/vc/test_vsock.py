@@ -16,9 +16,9 @@ from shimv2.vc import agent as agent_module
 from shimv2.vc.agent import connect_agent, hybrid_handshake
 from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.qemu import Qemu
-from shimv2.vc.qemu_config import QemuConfig
+from shimv2.vc.qemu_config import QemuConfig, default_backend, resolve_channel
 from shimv2.vc.testing import FakeHybridBackend
-from shimv2.vc.vsock import default_backend, listening, resolve_channel, vsock_start_grace
+from shimv2.vc.vsock import listening, vsock_start_grace
 from tests.leaks import vm_processes
 
 
