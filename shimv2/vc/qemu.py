@@ -632,17 +632,28 @@ class Qemu:
             argv += ["-global", "virtio-mmio.force-legacy=false"]
         # KSM: QEMU marks guest RAM mergeable unless told not to.
         argv += ["-M", f"{machine},mem-merge={'on' if cfg.ksm else 'off'}"]
-        serial = "virtio-serial-device" if microvm else "virtio-serial-pci"
+        # Devices whose driver fills its receive ring at once (serial ports, vsock, the
+        # NIC) go on PCI when a microvm has a PCIe bus: QEMU 7.2's virtio-mmio offers
+        # every ring at its 1024-entry maximum, and each virtio-serial port, or vsock's
+        # receive ring, then holds 4 MiB of guest kernel memory (PCI rings: 128-256).
+        pci_root = "pcie.0" if microvm and "pcie=on" in machine else ""
+
+        def device(mmio: str, pci: str) -> str:
+            if not microvm:
+                return pci
+            return f"{pci},bus={pci_root}" if pci_root else mmio
+
+        serial = device("virtio-serial-device", "virtio-serial-pci")
         channel = self._channel()
         serial_port = channel == "serial" or cfg.late_devices  # clones have their template's
         if self._late_vsock():
             if channel == "hybrid-vsock":  # the backend is connected now, the device later
                 argv += ["-chardev", f"socket,id=vsock,path={self.vhost_vsock_path}"]
         elif channel == "vsock":
-            dev = "vhost-vsock-device" if microvm else "vhost-vsock-pci"
+            dev = device("vhost-vsock-device", "vhost-vsock-pci")
             argv += ["-device", f"{dev},guest-cid={self._vsock_cid or 3}"]
         elif channel == "hybrid-vsock":
-            dev = "vhost-user-vsock-device" if microvm else "vhost-user-vsock-pci"
+            dev = device("vhost-user-vsock-device", "vhost-user-vsock-pci")
             argv += [
                 "-chardev", f"socket,id=vsock,path={self.vhost_vsock_path}",
                 "-device", f"{dev},chardev=vsock",
@@ -666,7 +677,7 @@ class Qemu:
         for nic in cfg.nics:
             argv += nic.netdev_args()
             if not cfg.late_devices:  # else plugged after start (``_plug_late_devices``)
-                argv += nic.device_args(cfg.machine)
+                argv += nic.device_args(cfg.machine, pci_root)
         if cfg.incoming:
             argv += ["-incoming", "defer"]  # loaded over QMP (``_restore``)
         return argv

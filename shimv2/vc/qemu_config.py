@@ -137,11 +137,13 @@ class Nic:
     def netdev_args(self) -> list[str]:
         return ["-netdev", f"tap,id={self.netdev_id},fd={self.fd}"]
 
-    def device_args(self, machine: str) -> list[str]:
-        if machine == "microvm":
+    def device_args(self, machine: str, pci_bus: str = "") -> list[str]:
+        """On ``pci_bus`` if given (a microvm's pcie.0), else as the machine has it."""
+        if machine == "microvm" and not pci_bus:
             return ["-device", f"virtio-net-device,netdev={self.netdev_id},mac={self.mac}"]
         # romfile= skips the iPXE option ROM: the guest never network-boots.
-        return ["-device", f"virtio-net-pci,netdev={self.netdev_id},mac={self.mac},romfile="]
+        bus = f",bus={pci_bus}" if pci_bus else ""
+        return ["-device", f"virtio-net-pci,netdev={self.netdev_id},mac={self.mac},romfile={bus}"]
 
     def device_add(self, bus: str) -> dict[str, object]:
         """QMP ``device_add`` arguments for plugging it on root port ``bus``."""

@@ -42,7 +42,7 @@ from shimv2.vc.qemu_config import QemuConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # bumped when what a template holds changes (2: its agent listens on vsock too)
+FORMAT = 3  # bumped when what a template holds changes (2: agent on vsock too; 3: serial on PCI)
 RAM_FILES = ("mem", "mem1")  # what ``Qemu`` names guest RAM backends
 STATE_FILE = "state"
 META_FILE = "template.json"

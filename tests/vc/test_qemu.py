@@ -94,6 +94,12 @@ async def test_command_line_for_both_machines(tmp_path: Path) -> None:
     assert "vhost-user-fs-device,chardev=vfs,tag=kataShared" in micro
     assert "virtio-mmio.force-legacy=false" in micro
     assert "name=agent.channel.0" in micro
+    # Its serial ports on that PCIe bus: on virtio-mmio each port's receive ring is
+    # 1024 guest buffers of 4 KiB. virtio-fs fills no ring ahead and stays on mmio.
+    assert "-device virtio-serial-pci,bus=pcie.0,id=vser0" in micro
+    no_bus = " ".join(_vm(tmp_path, image="").argv())
+    assert "pcie=on" not in no_bus
+    assert "-device virtio-serial-device,id=vser0" in no_bus
     q35 = " ".join(_vm(tmp_path, machine="q35").argv())
     assert "-M q35,memory-backend=mem" in q35
     assert "vhost-user-fs-pci" in q35

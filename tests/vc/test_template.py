@@ -139,8 +139,11 @@ def test_a_pods_nics_are_on_its_command_line_and_a_clones_are_plugged(tmp_path: 
     cold = _qemu(tmp_path, nics=(nic,)).argv()
     line = " ".join(cold)
     assert (
-        "-netdev tap,id=n0,fd=5 -device virtio-net-device,netdev=n0,mac=02:00:00:00:00:01" in line
-    )
+        "-netdev tap,id=n0,fd=5 -device virtio-net-pci,netdev=n0,mac=02:00:00:00:00:01,romfile=,"
+        "bus=pcie.0" in line
+    )  # the root image gives microvm a PCIe bus
+    mmio = " ".join(_qemu(tmp_path, nics=(nic,), image="").argv())
+    assert "-device virtio-net-device,netdev=n0,mac=02:00:00:00:00:01" in mmio
     q35 = " ".join(_qemu(tmp_path, nics=(nic,), machine="q35").argv())
     assert "virtio-net-pci,netdev=n0,mac=02:00:00:00:00:01,romfile=" in q35
 

@@ -45,19 +45,27 @@ def test_auto_takes_the_first_channel_this_host_supports(tmp_path: Path) -> None
 
 
 def test_each_channel_on_the_command_line(tmp_path: Path) -> None:
-    for machine, suffix in (("microvm", "device"), ("q35", "pci")):
-        kernel = _qemu(tmp_path, machine=machine, agent_channel="vsock")
+    # A microvm with a PCIe bus (the root image's) puts them on it: virtio-mmio's rings
+    # are 1024 entries, each holding a guest buffer; without one they stay on mmio.
+    cases = (
+        ("microvm", None, "pci,bus=pcie.0"),
+        ("microvm", "", "device"),
+        ("q35", None, "pci"),
+    )
+    for machine, image, suffix in cases:
+        more = {} if image is None else {"image": image}
+        kernel = _qemu(tmp_path, machine=machine, agent_channel="vsock", **more)
         argv = kernel.argv()
         # The kernel's vhost-vsock, exactly as a host with /dev/vhost-vsock runs it.
         assert f"vhost-vsock-{suffix},guest-cid=3" in argv
         assert "kata_py.channel=vsock" in " ".join(argv)
         assert not any("agent.channel.0" in a for a in argv)
-        hybrid = _qemu(tmp_path, machine=machine, agent_channel="hybrid-vsock")
+        hybrid = _qemu(tmp_path, machine=machine, agent_channel="hybrid-vsock", **more)
         argv = hybrid.argv()
         assert f"socket,id=vsock,path={hybrid.vhost_vsock_path}" in argv
         assert f"vhost-user-vsock-{suffix},chardev=vsock" in argv
         assert "kata_py.channel=vsock" in " ".join(argv)
-        serial = _qemu(tmp_path, machine=machine, agent_channel="serial")
+        serial = _qemu(tmp_path, machine=machine, agent_channel="serial", **more)
         argv = serial.argv()
         assert "kata_py.channel=serial" in " ".join(argv)
         assert any("name=agent.channel.0" in a for a in argv)
