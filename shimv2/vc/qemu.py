@@ -632,10 +632,13 @@ class Qemu:
             argv += ["-global", "virtio-mmio.force-legacy=false"]
         # KSM: QEMU marks guest RAM mergeable unless told not to.
         argv += ["-M", f"{machine},mem-merge={'on' if cfg.ksm else 'off'}"]
-        # Devices whose driver fills its receive ring at once (serial ports, vsock, the
-        # NIC) go on PCI when a microvm has a PCIe bus: QEMU 7.2's virtio-mmio offers
-        # every ring at its 1024-entry maximum, and each virtio-serial port, or vsock's
-        # receive ring, then holds 4 MiB of guest kernel memory (PCI rings: 128-256).
+        # Devices whose driver fills its receive ring at once (serial ports, the NIC) go
+        # on PCI when a microvm has a PCIe bus: QEMU 7.2's virtio-mmio offers every ring
+        # at its 1024-entry maximum, and each virtio-serial port then holds 4 MiB of guest
+        # kernel memory (PCI rings: 128-256). Not vsock, though its ring costs as much:
+        # with vhost-device-vsock 0.3.0, a cold VM's vsock on PCI went unanswered once
+        # when pods started at once, as late-plugged (PCI) ones have (``Sandbox.
+        # _connect_new_vm``); on mmio it has not.
         pci_root = "pcie.0" if microvm and "pcie=on" in machine else ""
 
         def device(mmio: str, pci: str) -> str:
@@ -650,10 +653,10 @@ class Qemu:
             if channel == "hybrid-vsock":  # the backend is connected now, the device later
                 argv += ["-chardev", f"socket,id=vsock,path={self.vhost_vsock_path}"]
         elif channel == "vsock":
-            dev = device("vhost-vsock-device", "vhost-vsock-pci")
+            dev = "vhost-vsock-device" if microvm else "vhost-vsock-pci"
             argv += ["-device", f"{dev},guest-cid={self._vsock_cid or 3}"]
         elif channel == "hybrid-vsock":
-            dev = device("vhost-user-vsock-device", "vhost-user-vsock-pci")
+            dev = "vhost-user-vsock-device" if microvm else "vhost-user-vsock-pci"
             argv += [
                 "-chardev", f"socket,id=vsock,path={self.vhost_vsock_path}",
                 "-device", f"{dev},chardev=vsock",
