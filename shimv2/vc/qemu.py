@@ -640,13 +640,9 @@ class Qemu:
         # when pods started at once, as late-plugged (PCI) ones have (``Sandbox.
         # _connect_new_vm``); on mmio it has not.
         pci_root = "pcie.0" if microvm and "pcie=on" in machine else ""
-
-        def device(mmio: str, pci: str) -> str:
-            if not microvm:
-                return pci
-            return f"{pci},bus={pci_root}" if pci_root else mmio
-
-        serial = device("virtio-serial-device", "virtio-serial-pci")
+        serial = "virtio-serial-device" if microvm and not pci_root else "virtio-serial-pci"
+        if pci_root:
+            serial += f",bus={pci_root}"
         channel = self._channel()
         serial_port = channel == "serial" or cfg.late_devices  # clones have their template's
         if self._late_vsock():
