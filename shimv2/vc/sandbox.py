@@ -51,6 +51,7 @@ T = TypeVar("T")
 CLONE_SEED_BYTES = 64
 # A late-device VM's vsock agent gets this long before its serial port is used.
 LATE_VSOCK_PATIENCE = 10.0
+AGENT_HOLD_TIMEOUT = 10.0  # pausing: the guest reads what the host sent before
 
 
 @dataclass(frozen=True, slots=True)
@@ -499,7 +500,13 @@ class Sandbox:
     async def pause(self) -> None:
         if self.state.state != "running":
             raise FailedPrecondition(f"cannot pause sandbox {self.id} in state {self.state.state}")
-        await self.running_vm().qmp.execute("stop")
+        vm = self.running_vm()
+        await self.agent.hold(AGENT_HOLD_TIMEOUT)
+        try:
+            await vm.qmp.execute("stop")
+        except BaseException:
+            self.agent.release()
+            raise
         self.state.state = "paused"
         self.save()
 
@@ -509,6 +516,8 @@ class Sandbox:
         await self.running_vm().qmp.execute("cont")
         self.state.state = "running"
         self.save()
+        if self._agent is not None:
+            self._agent.release()
 
     def running_vm(self) -> Qemu:
         if self.vm is None or self.vm_gone:

@@ -422,7 +422,11 @@ class VmCache:
         vm_id = self.new_id()
         vm = await self.factory.get_vm(vm_id, self.config, self.vm_dir(vm_id), nursery)
         try:
-            async with connect_agent(vm.agent_endpoint(), ready_timeout=self.dial_timeout) as agent:
+            # Over the serial port where there is one: closing a hybrid vsock
+            # connection is a backend event, and one that lands after ``stop``
+            # has stopped the rings ends vhost-device-vsock's worker for good.
+            endpoint = vm.serial_agent_endpoint() or vm.agent_endpoint()
+            async with connect_agent(endpoint, ready_timeout=self.dial_timeout) as agent:
                 await warm_up(agent)
             # Paused while it waits: an idle guest still takes CPU under TCG. The
             # shim that takes it lets it run (``CacheFactory._adopt``).

@@ -38,6 +38,30 @@ async def test_a_huge_error_text_from_the_guest_is_cut(
     assert message.endswith("characters)")  # says how long it was
 
 
+async def test_a_held_agent_gets_no_new_call_until_released(pod: FakePod) -> None:
+    # Pausing a VM holds the agent's calls: none may reach the channel while
+    # its rings are stopped (hybrid vsock dies of it).
+    pod.agent.replies["GetGuestDetails"] = reply_with(agent_pb2.GuestDetailsResponse())
+    agent = pod.sandbox.agent
+    await agent.hold(timeout=5)
+    answered = trio.Event()
+
+    async def details() -> None:
+        await agent.call(
+            "GetGuestDetails", agent_pb2.GuestDetailsRequest(), agent_pb2.GuestDetailsResponse
+        )
+        answered.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(details)
+        await trio.sleep(0.2)
+        assert pod.agent.calls["GetGuestDetails"] == 0
+        agent.release()
+        with trio.fail_after(5):
+            await answered.wait()
+    assert pod.agent.calls["GetGuestDetails"] == 1
+
+
 # -- fuzzing: every rpc against hostile answers -------------------------------------------------
 
 RPCS = [

@@ -315,8 +315,25 @@ async def test_pause_and_resume_sandbox(vc: VirtContainers, tmp_path: Path) -> N
     await vc.pause_sandbox(s)
     assert sandbox.vm is not None
     assert (await sandbox.vm.qmp.execute("query-status"))["status"] == "paused"
-    await vc.resume_sandbox(s)
-    assert (await sandbox.vm.qmp.execute("query-status"))["status"] == "running"
+    # A call made while paused waits for the resume and is then answered. Over
+    # hybrid vsock it used to reach vhost-device-vsock while its rings were
+    # stopped, which ends the backend's worker: no agent answered after resume.
+    answered: list[bytes] = []
+    done = trio.Event()
+
+    async def list_processes() -> None:
+        answered.append(await vc.process_list_container(s, "c"))
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(list_processes)
+        await trio.sleep(1)
+        assert answered == []
+        await vc.resume_sandbox(s)
+        assert (await sandbox.vm.qmp.execute("query-status"))["status"] == "running"
+        with trio.fail_after(30):
+            await done.wait()
+    assert len(json.loads(answered[0])) == 1  # sleep's pid
     await vc.stop_sandbox(s)
     await vc.delete_sandbox(s)
 
