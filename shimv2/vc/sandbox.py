@@ -212,10 +212,11 @@ class Sandbox:
         """
         serial = vm.serial_agent_endpoint()
         if serial is None or vm.channel == "serial":
-            await self.connect_agent(dial_timeout)
+            await self.connect_agent(dial_timeout, vm.agent_endpoint())
             return
         try:
-            await self.connect_agent(min(dial_timeout, LATE_VSOCK_PATIENCE))
+            # The VM's own endpoint: it waits until a late vsock device has started.
+            await self.connect_agent(min(dial_timeout, LATE_VSOCK_PATIENCE), vm.agent_endpoint())
         except Unavailable as exc:
             log.warning("sandbox %s: no agent over %s (%s); using the serial port",
                         self.id, vm.channel, exc)  # fmt: skip
@@ -277,16 +278,23 @@ class Sandbox:
             return AgentEndpoint(hybrid_path=self.state.agent_socket)
         return AgentEndpoint(unix_path=self.state.agent_socket)
 
-    async def connect_agent(self, dial_timeout: float) -> None:
-        await self._nursery.start(self._hold_agent, dial_timeout)
+    async def connect_agent(
+        self, dial_timeout: float, endpoint: AgentEndpoint | None = None
+    ) -> None:
+        """Over ``endpoint``, else the one recorded in the state (a shim restarted)."""
+        await self._nursery.start(self._hold_agent, dial_timeout, endpoint or self.endpoint())
 
     async def _hold_agent(
-        self, dial_timeout: float, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        dial_timeout: float,
+        endpoint: AgentEndpoint,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         with trio.CancelScope() as scope:
             self._agent_scope = scope
             async with connect_agent(
-                self.endpoint(),
+                endpoint,
                 ready_timeout=dial_timeout,
                 timeout=self.config.agent.request_timeout,
             ) as agent:
