@@ -107,6 +107,7 @@ class Container:
         self._state = State.CREATING
         self.oom_kills = 0
         self.poststart_hooks = False  # its spec has some: the runtime's own start runs them
+        self.poststop_hooks = False  # and the runtime's own delete these
 
     @property
     def state(self) -> State:
@@ -267,6 +268,7 @@ class ContainerService:
         self._join_pod_namespaces(config, sandbox_pidns)
         hooks = config.get("hooks")
         container.poststart_hooks = isinstance(hooks, dict) and bool(hooks.get("poststart"))
+        container.poststop_hooks = isinstance(hooks, dict) and bool(hooks.get("poststop"))
         _write_json(os.path.join(bundle, "config.json"), config)
         container.init = await self._launch(
             container,
@@ -324,7 +326,14 @@ class ContainerService:
     ) -> None:
         """Delete the runtime's container, close every fd, remove the bundle and cgroup."""
         try:
-            if runtime_delete and (container.init is not None or force):
+            # Every process reaped (RemoveContainer waited) and no hooks to run: the
+            # agent removes crun's container itself, as it starts one.
+            removed = (
+                not force
+                and not container.poststop_hooks
+                and self.runtime.remove_stopped(container.id, container.cgroup)
+            )
+            if runtime_delete and (container.init is not None or force) and not removed:
                 try:
                     await self.runtime.delete(container.id, force=True)
                 except RuntimeFailed:

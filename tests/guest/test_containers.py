@@ -285,6 +285,58 @@ async def test_poststart_hooks_run_through_the_runtimes_start(agent: Agent, tmp_
     await agent.remove(cid)
 
 
+async def test_remove_deletes_the_runtimes_container_itself(agent: Agent) -> None:
+    """With crun and no poststop hooks, the agent removes a stopped container without
+    ``crun delete``, leaving crun nothing: the same id runs again."""
+    cid = await agent.run("gone", ["echo", "once"])
+    assert await agent.read_all(cid) == b"once\n"
+    assert await agent.wait(cid) == 0
+    state = Path("/run/crun") / cid
+    cgroup = Path(agent.service._containers[cid].cgroup)
+    assert state.is_dir()
+    assert cgroup.is_dir()
+    assert agent.service.runtime.remove_stopped(cid, str(cgroup))
+    assert not state.exists()
+    assert not cgroup.exists()
+    assert cid not in crun_ids(agent.host)
+    await agent.remove(cid)
+    again = await agent.run("gone", ["echo", "twice"])
+    assert again == cid
+    assert await agent.read_all(cid) == b"twice\n"
+    assert await agent.wait(cid) == 0
+    await agent.remove(cid)
+    assert cid not in crun_ids(agent.host)
+    assert not state.exists()
+    assert not cgroup.exists()
+
+
+async def test_a_container_still_in_its_cgroup_is_left_to_the_runtime(agent: Agent) -> None:
+    cid = await agent.run("busy", ["sleep", "1000"])
+    cgroup = agent.service._containers[cid].cgroup
+    assert not agent.service.runtime.remove_stopped(cid, cgroup)  # sleep is in it
+    assert (Path("/run/crun") / cid).is_dir()  # nothing crun's delete would miss
+    await agent.remove(cid)  # kills it; then removed
+    assert cid not in crun_ids(agent.host)
+    assert not Path(cgroup).exists()
+
+
+async def test_poststop_hooks_run_through_the_runtimes_delete(agent: Agent, tmp_path: Path) -> None:
+    cid = agent.cid("poststop")
+    mark = tmp_path / "poststop"
+    spec = make_spec(agent.rootfs, ["true"])
+    spec.Hooks.Poststop.append(
+        oci_pb2.Hook(Path="/bin/sh", Args=["sh", "-c", f"echo ran > {mark}"])
+    )
+    await agent.call(
+        "CreateContainer", agent_pb2.CreateContainerRequest(container_id=cid, OCI=spec)
+    )
+    await agent.call("StartContainer", agent_pb2.StartContainerRequest(container_id=cid))
+    assert await agent.wait(cid) == 0
+    await agent.remove(cid)
+    assert mark.read_text() == "ran\n"  # crun ran it: the agent's own removal would not
+    assert cid not in crun_ids(agent.host)
+
+
 def _proc_state(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
