@@ -22,8 +22,9 @@ def _fail(message: str) -> int:
     return 1
 
 
-def run(argv: Sequence[str] | None = None) -> int:
-    """The shim's main; returns the exit status."""
+def run(argv: Sequence[str] | None = None, *, warm: bool = True) -> int:
+    """The shim's main; returns the exit status. ``warm``: a warm shim server may run
+    ``delete`` (not when this is that server's child already)."""
     try:
         flags = parse(sys.argv[1:] if argv is None else argv, os.environ)
     except Error as exc:
@@ -38,7 +39,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     if flags.action == "start":
         return _start(flags)
     if flags.action == "delete":
-        return _delete(flags)
+        return _delete(flags, sys.argv[1:] if argv is None else argv, warm)
     from shimv2.shim import daemon
 
     return daemon.run(flags)
@@ -83,7 +84,14 @@ def _start(flags: Flags) -> int:
     return 0
 
 
-def _delete(flags: Flags) -> int:
+def _delete(flags: Flags, argv: Sequence[str], warm: bool) -> int:
+    if warm:
+        from shimv2.shim import warm as warm_shims
+
+        server = os.environ.get(warm_shims.ENV) or warm_shims.SOCKET
+        status = warm_shims.request_delete(argv, os.environ, os.getcwd(), server)
+        if status is not None:
+            return status
     import logging
 
     from shimv2.shim import cleanup

@@ -68,7 +68,7 @@ MAX_SOCKET_PATH = 106
 RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
 CONFIG_ENV = "KATA_PY_CONFIG"
 SHUTDOWN_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-WARM_SHIMS_ENV = "KATA_PY_SHIM_SERVER"  # another server socket than warm.SOCKET
+WARM_SHIMS_ENV = warm.ENV
 
 
 def default_entry() -> list[str]:

@@ -98,12 +98,15 @@ def _answer(conn: socket.socket, listener: socket.socket) -> None:
             raise BadRequest(f"uid {peer_uid} may not ask for a shim")
         body, fds, _flags, _addr = socket.recv_fds(conn, MAX_REQUEST, 2)
         if len(fds) != 2:
-            raise BadRequest(f"want 2 fds (socket, log), got {len(fds)}")
-        argv, env, cwd = parse_request(body)
+            raise BadRequest(f"want 2 fds (socket or stdout, log or stderr), got {len(fds)}")
+        argv, env, cwd, delete = parse_request(body)
         pid = os.fork()
         if pid == 0:
+            if delete:
+                _delete_child(argv, env, cwd, fds, peer_pid, conn, listener.fileno())
             _child(argv, env, cwd, fds, peer_pid, [conn.fileno(), listener.fileno()])
-        conn.sendall(json.dumps({"pid": pid}).encode())
+        if not delete:  # a delete's child answers itself, once done
+            conn.sendall(json.dumps({"pid": pid}).encode())
         log.info("warm shims: forked %d for %s", pid, " ".join(argv))
     except (BadRequest, OSError) as exc:
         log.warning("warm shims: refused a request: %s", exc)
@@ -147,6 +150,43 @@ def _child(
         with contextlib.suppress(Exception):
             print(f"{PROGRAM}: warm start failed: {exc!r}", file=sys.stderr, flush=True)
     finally:
+        os._exit(status)
+
+
+def _delete_child(
+    argv: list[str],
+    env: dict[str, str],
+    cwd: str,
+    fds: list[int],
+    peer: int,
+    conn: socket.socket,
+    listener: int,
+) -> None:
+    """In the forked child: run ``delete`` with the asker's stdout and stderr, answer
+    its exit status on ``conn``. Never returns."""
+    status = 1
+    try:
+        _join_cgroups(peer)
+        os.close(listener)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(fds[0], 1)
+        os.dup2(fds[1], 2)
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(env)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, signal.SIG_DFL)
+        from shimv2.shim import run
+
+        status = run(argv, warm=False)
+    except BaseException as exc:  # the child must end here, whatever happened
+        with contextlib.suppress(Exception):
+            print(f"{PROGRAM}: warm delete failed: {exc!r}", file=sys.stderr, flush=True)
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            conn.sendall(json.dumps({"status": status}).encode())
         os._exit(status)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,11 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from shimv2.pb.containerd.runtime.task.v2.shim_pb2 import DeleteResponse
 from shimv2.shim.bootstrap import WARM_SHIMS_ENV
 from shimv2.shim.warm import BadRequest, parse_request
+from tests.mountinfo import mounted as is_mountpoint
 from tests.shim.test_bootstrap import SHIM, Env, env, processes, stop_daemon
+from tests.shim.test_cleanup import bind, mounts
 
-__all__ = ["env"]  # the fixture, used by name
+__all__ = ["env", "mounts"]  # the fixtures, used by name
 
 
 def _ppid(pid: int) -> int:
@@ -85,8 +89,8 @@ def test_without_a_server_start_spawns_a_cold_daemon(env: Env, tmp_path: Path) -
 
 
 def test_requests_are_checked_before_anything_is_forked() -> None:
-    argv, env, cwd = parse_request(b'{"argv": ["-id", "x"], "env": {"A": "1"}, "cwd": "/b"}')
-    assert (argv, env, cwd) == (["-id", "x"], {"A": "1"}, "/b")
+    request = b'{"argv": ["-id", "x"], "env": {"A": "1"}, "cwd": "/b"}'
+    assert parse_request(request) == (["-id", "x"], {"A": "1"}, "/b", False)
     for bad in (
         b"not json", b"[]", b'{"argv": [], "env": {}, "cwd": "/"}',
         b'{"argv": [1], "env": {}, "cwd": "/"}',
@@ -94,9 +98,37 @@ def test_requests_are_checked_before_anything_is_forked() -> None:
         b'{"argv": ["a"], "env": {"A": 1}, "cwd": "/"}',
         b'{"argv": ["a"], "env": {}, "cwd": "relative"}',
         b'{"argv": ["a\\u0000b"], "env": {}, "cwd": "/"}',
+        b'{"argv": ["a"], "env": {}, "cwd": "/", "delete": 1}',
     ):  # fmt: skip
         with pytest.raises(BadRequest):
             parse_request(bad)
+
+
+def test_delete_is_run_by_the_server(
+    server: tuple[str, subprocess.Popen[bytes]], tmp_path: Path, mounts: list[Path]
+) -> None:
+    """``delete`` runs after every shim: the server's child does it, with what it
+    imported already, and answers on the asker's stdout."""
+    path, proc = server
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text(json.dumps({"annotations": {}}))
+    bind(tmp_path / "layer", bundle / "rootfs")
+    mounts.append(bundle / "rootfs")
+    config = tmp_path / "config.toml"
+    config.write_text(f'[runtime]\nstate_dir = "{tmp_path}/state"\n')
+    argv = [SHIM, "-namespace", "default", "-address", str(tmp_path / "cd.sock")]
+    argv += ["-id", "c1", "-bundle", str(bundle), "delete"]
+    env = {**os.environ, WARM_SHIMS_ENV: path, "KATA_PY_CONFIG": str(config)}
+    out = subprocess.run(argv, cwd=bundle, capture_output=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    resp = DeleteResponse.FromString(out.stdout)
+    assert (resp.pid, resp.exit_status) == (0, 137)
+    assert not is_mountpoint(bundle / "rootfs")  # cleaned up, by the server's child:
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+    assert proc.stderr is not None
+    assert b"delete" in proc.stderr.read().split(b"forked", 1)[1].split(b"\n", 1)[0]
 
 
 def test_a_second_server_leaves_a_live_one_alone(
