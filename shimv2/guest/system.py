@@ -417,12 +417,15 @@ class SandboxService:
         mem_root = f"{self._sys}/devices/system/memory"
         cpus = self._online_all(cpu_root, "cpu", req.nb_cpus or None)
         mems = 0 if req.cpu_only else self._online_all(mem_root, "memory", None)
+        # A DIMM's blocks appear one by one: once some have, until a poll finds no more.
+        found = mems
         with trio.move_on_after(ONLINE_WAIT if req.wait else 0):
-            while cpus < req.nb_cpus or (not req.cpu_only and mems == 0):
+            while cpus < req.nb_cpus or (not req.cpu_only and (mems == 0 or found)):
                 await trio.sleep(0.05)
                 cpus += self._online_all(cpu_root, "cpu", (req.nb_cpus - cpus) or None)
                 if not req.cpu_only:
-                    mems += self._online_all(mem_root, "memory", None)
+                    found = self._online_all(mem_root, "memory", None)
+                    mems += found
         if cpus < req.nb_cpus:
             raise Internal(f"onlined {cpus} of {req.nb_cpus} cpus")
         log.info("onlined %d cpus and %d memory blocks", cpus, mems)

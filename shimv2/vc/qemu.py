@@ -209,6 +209,18 @@ class Qemu:
         except FailedPrecondition as exc:  # the command is missing (QEMU < 7.2)
             log.warning("vm %s: cannot tell when vsock is started: %s", self.vm_id, exc)
 
+    async def resume(self) -> None:
+        """Run the paused VM again; return once its agent channel may be dialled.
+
+        ``cont`` restarts a vhost-user vsock device's rings, and the backend takes
+        those messages in after QMP has answered: a host byte in between ends its
+        worker (``_vsock_device_started``), so hybrid vsock gets its grace again.
+        """
+        await self.qmp.execute("cont")
+        if self.channel == "hybrid-vsock":
+            self._vsock_started = False
+            await self._vsock_device_started()
+
     def _channel(self) -> str:
         """The agent channel; before ``start`` (a command line printed in a test),
         ``auto`` stands for serial."""

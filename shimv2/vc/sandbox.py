@@ -521,7 +521,7 @@ class Sandbox:
     async def resume(self) -> None:
         if self.state.state != "paused":
             raise FailedPrecondition(f"cannot resume sandbox {self.id} in state {self.state.state}")
-        await self.running_vm().qmp.execute("cont")
+        await self.running_vm().resume()
         self.state.state = "running"
         self.save()
         if self._agent is not None:

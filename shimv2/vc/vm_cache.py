@@ -301,7 +301,7 @@ class CacheFactory:
         vm.restored = True
         try:
             if (await vm.qmp.execute("query-status")).get("status") == "paused":
-                await vm.qmp.execute("cont")
+                await vm.resume()
             await vm.join_pod(nursery)
         except BaseException:
             with trio.CancelScope(shield=True):

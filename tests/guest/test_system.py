@@ -210,6 +210,26 @@ async def test_online_cpu_mem() -> None:
     assert [guest.files[f"{mem}/memory{i}/online"].strip() for i in (0, 1, 2)] == ["1"] * 3
 
 
+async def test_online_mem_waits_for_a_dimms_later_blocks() -> None:
+    # A DIMM's memory blocks show up one after another, the first soon after the
+    # host plugs it: a block that comes a moment after the first is onlined too.
+    guest = FakeGuestOS(fake_sysfs(memory_blocks=1))
+    svc = SandboxService(guest)
+    mem = "/sys/devices/system/memory"
+
+    async def plug() -> None:
+        await trio.sleep(0.1)
+        guest.files[f"{mem}/memory1/online"] = "0\n"
+        while guest.files[f"{mem}/memory1/online"].strip() != "1":  # noqa: ASYNC110
+            await trio.sleep(0.005)
+        guest.files[f"{mem}/memory2/online"] = "0\n"  # once the first is onlined
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(plug)
+        await svc.OnlineCPUMem(CTX, agent_pb2.OnlineCPUMemRequest(wait=True))
+    assert [guest.files[f"{mem}/memory{i}/online"].strip() for i in (1, 2)] == ["1", "1"]
+
+
 async def test_reseed_random_dev_feeds_the_kernel_then_python() -> None:
     guest = FakeGuestOS()
     svc = SandboxService(guest)
