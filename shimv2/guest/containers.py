@@ -327,13 +327,16 @@ class ContainerService:
         """Delete the runtime's container, close every fd, remove the bundle and cgroup."""
         try:
             # Every process reaped (RemoveContainer waited) and no hooks to run: the
-            # agent removes crun's container itself, as it starts one.
-            removed = (
-                not force
-                and not container.poststop_hooks
-                and self.runtime.remove_stopped(container.id, container.cgroup)
-            )
-            if runtime_delete and (container.init is not None or force) and not removed:
+            # agent removes crun's container itself (checked last), as it starts one.
+            if (
+                runtime_delete
+                and (container.init is not None or force)
+                and (
+                    force
+                    or container.poststop_hooks
+                    or not self.runtime.remove_stopped(container.id, container.cgroup)
+                )
+            ):
                 try:
                     await self.runtime.delete(container.id, force=True)
                 except RuntimeFailed:

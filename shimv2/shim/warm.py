@@ -86,11 +86,7 @@ def request_delete(
     if not os.path.exists(path):
         return None
     body = json.dumps({"argv": list(argv), "env": dict(env), "cwd": cwd, "delete": True})
-    try:
-        conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    except OSError:
-        return None
-    with conn:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         try:
             conn.settimeout(REQUEST_TIMEOUT)
             conn.connect(path)

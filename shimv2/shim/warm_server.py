@@ -124,21 +124,12 @@ def _child(
     status = 1
     try:
         os.setsid()
-        _join_cgroups(peer)
         for fd in close:
             os.close(fd)
         listen_fd, out_fd = fds
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(out_fd, 1)
-        os.dup2(out_fd, 2)
+        _take_on(peer, cwd, env, (out_fd, out_fd))
         os.dup2(listen_fd, 3)  # dup2 clears close-on-exec, as spawn_daemon's does
         os.closerange(4, 1 << 16)
-        os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(env)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, signal.SIG_DFL)
         # As spawn_daemon: blocked until the daemon's handlers are in place.
         signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGINT))
         title = set_cmdline([PROGRAM, *argv])  # kept alive: the kernel reads it
@@ -166,17 +157,8 @@ def _delete_child(
     its exit status on ``conn``. Never returns."""
     status = 1
     try:
-        _join_cgroups(peer)
         os.close(listener)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(fds[0], 1)
-        os.dup2(fds[1], 2)
-        os.chdir(cwd)
-        os.environ.clear()
-        os.environ.update(env)
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, signal.SIG_DFL)
+        _take_on(peer, cwd, env, (fds[0], fds[1]))
         from shimv2.shim import run
 
         status = run(argv, warm=False)
@@ -188,6 +170,21 @@ def _delete_child(
             sys.stdout.flush()
             conn.sendall(json.dumps({"status": status}).encode())
         os._exit(status)
+
+
+def _take_on(peer: int, cwd: str, env: dict[str, str], out: tuple[int, int]) -> None:
+    """In a forked child: the asker's cgroups, directory and environment, no stdin,
+    ``out`` as stdout and stderr, and the default SIGTERM and SIGINT."""
+    _join_cgroups(peer)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(out[0], 1)
+    os.dup2(out[1], 2)
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def _join_cgroups(pid: int) -> None:

@@ -428,14 +428,9 @@ class VmCache:
             endpoint = vm.serial_agent_endpoint() or vm.agent_endpoint()
             async with connect_agent(endpoint, ready_timeout=self.dial_timeout) as agent:
                 await warm_up(agent)
-            # The shim that adopts the VM dials its vsock at once (``Qemu.adopt``):
-            # the device must have started before the VM is paused.
-            ready = vm.agent_endpoint().ready
-            if ready is not None:
-                with trio.fail_after(self.dial_timeout):
-                    await ready()
             # Paused while it waits: an idle guest still takes CPU under TCG. The
-            # shim that takes it lets it run (``CacheFactory._adopt``).
+            # shim that takes it lets it run (``CacheFactory._adopt``), and
+            # ``Qemu.resume`` waits for its vsock device, started or not before.
             await vm.qmp.execute("stop")
             await vm.release()
         except BaseException:
