@@ -15,7 +15,9 @@ call of the pod's storage runs on that thread. Host paths (bind sources) are
 opened from the host's namespace, on the same thread, through ``host()``, so
 mounts the host makes after the pod started are seen. The namespace is a slave
 of the host's: unmounts on the host reach it, and nothing mounted in it leaks
-back. virtiofsd joins it (``nsenter_argv(path)``) to export the tree.
+back. virtiofsd joins it (``nsenter_argv(path)``) to export the tree. A cached
+VM comes with its share made in a namespace of the cache server's, held by its
+virtiofsd: the shim joins that one (``join``) and keeps the pod's tree there.
 """
 
 from __future__ import annotations
@@ -56,9 +58,10 @@ def _ns_call(name: str, result: int) -> None:
 class MountNamespace:
     """A mount namespace of the pod's, entered by one thread of ours that runs its calls."""
 
-    def __init__(self) -> None:
+    def __init__(self, join_fd: int = -1) -> None:
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._host_fd = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        self._join_fd = join_fd
         self._ns_fd = -1
         self._tid = 0
         self._broken = False
@@ -69,15 +72,25 @@ class MountNamespace:
     @classmethod
     def create(cls) -> MountNamespace:
         """A new namespace, a slave copy of the caller's; blocks until it is entered."""
-        ns = cls()
-        ns._thread.start()
+        return cls()._enter("make")
+
+    @classmethod
+    def join(cls, fd: int) -> MountNamespace:
+        """The namespace open at ``fd`` (taken over), made by another process: a cached VM's."""
+        return cls(fd)._enter("join")
+
+    def _enter(self, verb: str) -> MountNamespace:
+        self._thread.start()
         try:
-            ns._started.result()
+            self._started.result()
         except OSError as exc:
-            ns._thread.join()
-            os.close(ns._host_fd)
-            raise Internal(f"cannot make the pod's mount namespace: {exc}") from None
-        return ns
+            self._thread.join()
+            os.close(self._host_fd)
+            raise Internal(f"cannot {verb} the pod's mount namespace: {exc}") from None
+        finally:
+            if self._join_fd >= 0:
+                os.close(self._join_fd)
+        return self
 
     @property
     def path(self) -> str:
@@ -86,8 +99,12 @@ class MountNamespace:
 
     def _serve(self) -> None:
         try:
-            _ns_call("unshare", self._libc.unshare(CLONE_FS | CLONE_NEWNS))
-            linux.mount(None, "/", None, linux.MS_REC | linux.MS_SLAVE)
+            if self._join_fd >= 0:
+                _ns_call("unshare", self._libc.unshare(CLONE_FS))
+                _ns_call("setns", self._libc.setns(self._join_fd, CLONE_NEWNS))
+            else:
+                _ns_call("unshare", self._libc.unshare(CLONE_FS | CLONE_NEWNS))
+                linux.mount(None, "/", None, linux.MS_REC | linux.MS_SLAVE)
             self._ns_fd = os.open("/proc/thread-self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
             self._tid = threading.get_native_id()
         except OSError as exc:
@@ -101,6 +118,10 @@ class MountNamespace:
                     future.set_result(fn())
                 except BaseException as exc:  # handed to the caller, whatever it is
                     future.set_exception(exc)
+        # The OS thread outlives join() for a moment; leaving now means close()'s
+        # fd is the namespace's last hold, so its mounts go before close() returns.
+        if self._libc.setns(self._host_fd, CLONE_NEWNS) != 0:
+            self._broken = True
 
     def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run ``fn`` on the namespace's thread and wait for it (blocks: from a worker thread)."""

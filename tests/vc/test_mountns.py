@@ -196,6 +196,30 @@ def test_closing_the_namespace_drops_whatever_is_still_mounted(
     ns.close()  # twice is fine
 
 
+def test_a_namespace_joined_from_its_fd_is_the_same_tree_and_outlives_its_maker(
+    tmp_path: Path, host_path: Path
+) -> None:
+    maker = MountNamespace.create()  # a VM cache's, say
+    top = tmp_path / "sb"
+    top.mkdir()
+    maker.call(prepare_shared, top)
+    joined = MountNamespace.join(os.open(maker.path, os.O_RDONLY | os.O_CLOEXEC))
+    maker.close()  # the joiner's thread holds it now
+    joined.call(share_bind_mounts, top, "c1", [bind(host_path)], [], host=joined.host)
+    assert str(top / "shared") in mount_points(joined)  # made by the maker
+    assert str(top / "mounts" / "c1" / "mounts" / "0") in mount_points(joined)
+    joined.close()
+    assert mounts_in_every_namespace(str(top)) == []
+
+
+def test_joining_what_is_no_mount_namespace_is_an_error(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_CLOEXEC)
+    with pytest.raises(Internal, match="cannot join"):
+        MountNamespace.join(fd)
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(fd)  # taken over: closed either way
+
+
 def test_misuse_is_an_error_not_a_mount_in_the_wrong_place(ns: MountNamespace) -> None:
     with pytest.raises(Internal, match="thread"), ns.host():
         pass
