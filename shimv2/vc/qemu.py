@@ -156,6 +156,20 @@ class Qemu:
     def virtiofsd_start_time(self) -> int:
         return self._virtiofsd.start_time if self._virtiofsd is not None else 0
 
+    def open_share_namespace(self) -> int:
+        """An fd of virtiofsd's mount namespace: a cached VM's share is mounted there.
+
+        Opened through the pid, then the pid checked to be that virtiofsd still.
+        """
+        helper = self._virtiofsd
+        if helper is None:
+            raise FailedPrecondition(f"vm {self.vm_id}: no virtiofsd")
+        fd = os.open(f"/proc/{helper.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        if not ProcessIdentity(helper.pid, helper.start_time).matches():
+            os.close(fd)
+            raise Unavailable(f"vm {self.vm_id}: virtiofsd exited")
+        return fd
+
     @property
     def qmp(self) -> Qmp:
         if self._qmp is None:
@@ -359,10 +373,10 @@ class Qemu:
             return
         raise Unavailable(f"vm {self.vm_id}: restore took over {RESTORE_TIMEOUT:g}s")
 
-    async def _plug_late_devices(self, *, with_vsock: bool = True) -> None:
+    async def _plug_late_devices(self, *, with_vsock: bool = True, with_share: bool = True) -> None:
         """virtio-fs on the first root port, then the NICs; the guest's pciehp finds them."""
         qmp = self.qmp
-        if self.config.shared_dir is not None:
+        if with_share and self.config.shared_dir is not None:
             await qmp.execute(
                 "device_add",
                 {"driver": "vhost-user-fs-pci", "id": "vfs0", "bus": "rp0",
@@ -401,20 +415,22 @@ class Qemu:
         Its processes move into the pod's cgroup (what they hold already stays
         charged where it was), then it gets the pod's virtio-fs, with a
         virtiofsd of its own, and NICs, on the root ports a late-device VM has.
+        A VM that came with its virtio-fs (and virtiofsd) keeps it.
         """
         cfg = self.config
         if not cfg.late_devices:
             raise FailedPrecondition(f"vm {self.vm_id}: only a late-device VM can join a pod")
         for procs in cfg.cgroup:
-            for pid in (self.pid, self.vsock_backend_pid):
+            for pid in (self.pid, self.vsock_backend_pid, self.virtiofsd_pid):
                 if pid:
                     with open(procs, "w") as f:
                         f.write(str(pid))
         qmp = self.qmp
-        if cfg.shared_dir is not None:
+        new_share = cfg.shared_dir if self._virtiofsd is None else None
+        if new_share is not None:
             self._virtiofsd = await start_virtiofsd(
                 self.virtiofs_path,
-                Path(cfg.shared_dir),
+                Path(new_share),
                 self.run_dir / "virtiofsd.log",
                 binary=cfg.virtiofsd,
                 cgroup=cfg.cgroup,
@@ -430,7 +446,7 @@ class Qemu:
             await qmp.execute(
                 "netdev_add", {"type": "tap", "id": nic.netdev_id, "fd": nic.netdev_id}
             )
-        await self._plug_late_devices(with_vsock=False)
+        await self._plug_late_devices(with_vsock=False, with_share=new_share is not None)
 
     @classmethod
     async def adopt(

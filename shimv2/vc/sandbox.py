@@ -172,6 +172,8 @@ class Sandbox:
         finally:
             for t in self.taps:
                 t.close()  # QEMU holds its own copies now
+        if self.vm.config.shared_dir != qemu_config.shared_dir:
+            await self._take_vm_share(self.vm)
         self._record_vm(self.vm)
         self.save()
         self.spawn(self.watch_vm)
@@ -181,6 +183,16 @@ class Sandbox:
         self.spawn(self.watch_oom)
         await self._configure_guest_network()
         await self._start_port_forward()
+
+    async def _take_vm_share(self, vm: Qemu) -> None:
+        """A cached VM came with its share, its tree in virtiofsd's mount namespace:
+        the pod's tree goes there, and the namespace made for it is let go."""
+        fd = vm.open_share_namespace()
+        ns = await trio.to_thread.run_sync(MountNamespace.join, fd)
+        unused, self.mount_ns = self.mount_ns, ns
+        self.state.shared_dir = str(vm.config.shared_dir)
+        if unused is not None:
+            await trio.to_thread.run_sync(unused.close)  # what it has mounted goes with it
 
     async def _start_port_forward(self) -> None:
         """The pod's port-forward relay (``shimv2.vc.port_forward``): a pod network, over vsock."""
@@ -445,7 +457,7 @@ class Sandbox:
         """
         root = config.spec.get("root") or {}
         root_path = str(root.get("path", "rootfs")) if isinstance(root, dict) else ""
-        top, record = self.store.sandbox_dir(self.id), container.state.mounts
+        top, record = self._top(), container.state.mounts
         try:
             target = await self._in_mount_ns(
                 storage.mount_rootfs, top, container.id, config.rootfs, config.bundle, root_path,
@@ -466,11 +478,17 @@ class Sandbox:
             return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
         return await ns.run(fn, *args, **kwargs)
 
+    def _top(self) -> Path:
+        """Where the pod's tree is (``storage``): a cached VM's own, or the sandbox's."""
+        if self.state.shared_dir:
+            return Path(self.state.shared_dir).parent
+        return self.store.sandbox_dir(self.id)
+
     def _host_view(self) -> storage.HostView:
         return contextlib.nullcontext if self.mount_ns is None else self.mount_ns.host
 
     async def unmount_storage(self, container: Container) -> None:
-        top = self.store.sandbox_dir(self.id)
+        top = self._top()
         left = await self._in_mount_ns(storage.unmount_all, top, container.state.mounts)
         if left:
             raise FailedPrecondition(f"container {container.id}: still mounted: {left}")
@@ -482,7 +500,7 @@ class Sandbox:
         ns, self.mount_ns = self.mount_ns, None
         if ns is not None:
             try:
-                await ns.run(storage.release_shared, self.store.sandbox_dir(self.id))
+                await ns.run(storage.release_shared, self._top())
             finally:
                 await trio.to_thread.run_sync(ns.close)
 

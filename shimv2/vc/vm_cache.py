@@ -7,9 +7,14 @@ booted cold without one) with no pod yet, its agent already answering. A shim's
 pod's configuration. The server lets go of the VM (QMP and its console serve one
 client) and replies with what identifies its processes; the shim adopts them
 (``Qemu.adopt``: pid, start time and exact ``-name``), makes the VM the pod's
-(``Qemu.join_pod``: its cgroup, virtio-fs with its own virtiofsd, NICs) and
-acknowledges. A VM not acknowledged is killed by the server. A miss, an absent
-server or any failure falls back to the next factory, logged, never an error.
+(``Qemu.join_pod``: its cgroup and NICs) and acknowledges. A VM not
+acknowledged is killed by the server. A miss, an absent server or any failure
+falls back to the next factory, logged, never an error.
+
+A cached VM has its virtio-fs already, served by its own virtiofsd from a share
+of its own (``share_top``) in a mount namespace that only that virtiofsd holds;
+the shim joins the namespace (``Sandbox._take_vm_share``) and mounts the pod's
+tree there. It runs while it waits, warmed by one throwaway container.
 
 Only root may ask or answer (``SO_PEERCRED``), and each side bounds what it
 reads. The shim trusts the reply's ids no further than they are checked: the
@@ -39,9 +44,11 @@ from google.protobuf.empty_pb2 import Empty
 from shimv2.errdefs import Error, InvalidArgument, PermissionDenied, Unavailable
 from shimv2.pb.kata import agent_pb2, oci_pb2
 from shimv2.ttrpc import peer_credentials
+from shimv2.vc import storage
 from shimv2.vc.agent import AgentClient, connect_agent
 from shimv2.vc.factory import Factory
 from shimv2.vc.ids import check_id
+from shimv2.vc.mountns import MountNamespace
 from shimv2.vc.qemu import Qemu
 from shimv2.vc.qemu_config import QemuConfig, resolve_channel
 from shimv2.vc.ratelimit import Backoff
@@ -58,6 +65,7 @@ READ_TIMEOUT = 5.0  # the server's wait for a request
 REFILL_DELAY = 2.0
 CHANNELS = ("serial", "vsock", "hybrid-vsock")
 WARM_UP_ID = "kata-py-warm-up"
+SHARE = "share"
 ID_PREFIX = "cache-"
 
 
@@ -72,8 +80,16 @@ def cache_key(config: QemuConfig) -> str:
 
 
 def cache_vm_config(config: QemuConfig) -> QemuConfig:
-    """A VM for no pod yet: no share, NICs or cgroup; root ports for them later."""
+    """A VM for no pod yet: no NICs or cgroup; root ports for them later.
+
+    Its share is its own (``share_top``), given when it is started.
+    """
     return dataclasses.replace(config, shared_dir=None, nics=(), cgroup=(), late_devices=True)
+
+
+def share_top(run_dir: Path) -> Path:
+    """Where a cached VM's share lives (``storage.prepare_shared``): the pod's tree then."""
+    return run_dir / SHARE
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -89,6 +105,9 @@ class CachedVm:
     vsock_backend_start_time: int = 0
     accelerator: str = ""
     restored: bool = False  # a template's clone: its RAM copy is clones/<id>
+    # Its share's virtiofsd, whose mount namespace holds the tree (``share_top``).
+    virtiofsd_pid: int = 0
+    virtiofsd_start_time: int = 0
 
     @classmethod
     def of(cls, vm: Qemu) -> CachedVm:
@@ -102,6 +121,8 @@ class CachedVm:
             vsock_backend_start_time=vm.vsock_backend_start_time,
             accelerator=vm.accelerator or "",
             restored=vm.restored,
+            virtiofsd_pid=vm.virtiofsd_pid or 0,
+            virtiofsd_start_time=vm.virtiofsd_start_time,
         )
 
     @classmethod
@@ -114,7 +135,8 @@ class CachedVm:
         except TypeError as exc:
             raise InvalidArgument(f"vm cache: a malformed VM record: {exc}") from None
         ints = (vm.pid, vm.start_time, vm.vsock_cid, vm.vsock_backend_pid,
-                vm.vsock_backend_start_time)  # fmt: skip
+                vm.vsock_backend_start_time, vm.virtiofsd_pid,
+                vm.virtiofsd_start_time)  # fmt: skip
         if (
             not isinstance(vm.id, str)
             or not vm.id.startswith(ID_PREFIX)
@@ -279,29 +301,38 @@ class CacheFactory:
 
     async def _adopt(self, record: CachedVm, config: QemuConfig, nursery: trio.Nursery) -> Qemu:
         memory = clones_dir(self.template_path) / record.id if record.restored else None
+        run_dir = self.vm_dir(record.id)
+        shared = config.shared_dir
+        if record.virtiofsd_pid and shared is not None:
+            shared = str(share_top(run_dir) / storage.SHARED)
         vm_config = dataclasses.replace(
-            config, late_devices=True, memory_dir=str(memory) if memory else None, incoming=None
+            config,
+            late_devices=True,
+            memory_dir=str(memory) if memory else None,
+            incoming=None,
+            shared_dir=shared,
         )
         vm = await Qemu.adopt(
             record.id,
             vm_config,
-            self.vm_dir(record.id),
+            run_dir,
             record.pid,
-            0,
+            record.virtiofsd_pid,
             record.vsock_cid,
             nursery,
             start_time=record.start_time,
+            virtiofsd_start_time=record.virtiofsd_start_time,
             channel=record.channel,
             vsock_backend_pid=record.vsock_backend_pid,
             vsock_backend_start_time=record.vsock_backend_start_time,
         )
         vm.accelerator = record.accelerator or None
-        # Its clock stood still while it waited paused, and a clone shares its RNG
-        # state with its template: the pod renews both (``Sandbox._fix_up_clone``).
+        # A clone shares its RNG state with its template, and its clock is the
+        # template's: the pod renews both (``Sandbox._fix_up_clone``).
         vm.restored = True
         try:
             if (await vm.qmp.execute("query-status")).get("status") == "paused":
-                await vm.resume()
+                await vm.resume()  # an older server's (it paused its VMs)
             await vm.join_pod(nursery)
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -420,18 +451,32 @@ class VmCache:
 
     async def _start_one(self, nursery: trio.Nursery) -> _Cached:
         vm_id = self.new_id()
-        vm = await self.factory.get_vm(vm_id, self.config, self.vm_dir(vm_id), nursery)
+        run_dir = self.vm_dir(vm_id)
+        # The share is plugged now, not by the pod: a guest's PCIe hotplug of
+        # virtio-fs is about 0.3 s of the pod's start under TCG. Its tree lives in
+        # a mount namespace of its own, kept by its virtiofsd, which the shim joins.
+        top = share_top(run_dir)
+        await trio.to_thread.run_sync(lambda: top.mkdir(mode=0o700, parents=True))
+        ns = await trio.to_thread.run_sync(MountNamespace.create)
         try:
-            # Over the serial port where there is one: closing a hybrid vsock
-            # connection is a backend event, and one that lands after ``stop``
-            # has stopped the rings ends vhost-device-vsock's worker for good.
+            shared = await ns.run(storage.prepare_shared, top)
+            config = dataclasses.replace(
+                self.config, shared_dir=str(shared), shared_dir_mount_ns=ns.path
+            )
+            vm = await self.factory.get_vm(vm_id, config, run_dir, nursery)
+        finally:
+            await trio.to_thread.run_sync(ns.close)
+        try:
+            # Over the serial port where there is one, while the guest starts its
+            # vsock device (which the pod's agent connection then uses at once).
             endpoint = vm.serial_agent_endpoint() or vm.agent_endpoint()
             async with connect_agent(endpoint, ready_timeout=self.dial_timeout) as agent:
                 await warm_up(agent)
-            # Paused while it waits: an idle guest still takes CPU under TCG. The
-            # shim that takes it lets it run (``CacheFactory._adopt``), and
-            # ``Qemu.resume`` waits for its vsock device, started or not before.
-            await vm.qmp.execute("stop")
+            if (ready := vm.agent_endpoint().ready) is not None:
+                await ready()
+            # Running while it waits, as Kata's runtime-rs keeps its cache: an idle
+            # guest takes 1-2 % of a CPU under TCG, but a paused one costs the pod
+            # ``cont`` and the restart of its vsock device (about 0.13 s here).
             await vm.release()
         except BaseException:
             with trio.CancelScope(shield=True):

@@ -41,8 +41,10 @@ from shimv2.vc.vm_cache import (
     ask,
     cache_key,
     read_message,
+    share_top,
 )
 from tests.leaks import RecordingCgroups, vm_processes
+from tests.mountinfo import mounts_in_every_namespace
 from tests.vc.test_sandbox import container, host_cgroups, pod_netns, sid, state_dir
 from tests.vc.test_template import template_path  # a template of this module's own
 
@@ -98,6 +100,8 @@ def test_the_key_holds_the_templates_and_the_channel(tmp_path: Path) -> None:
         {"restored": "yes"},
         {"accelerator": "x" * 100},
         {"vsock_cid": 1 << 64},
+        {"virtiofsd_pid": -1},
+        {"virtiofsd_start_time": "99"},
         {"extra": 1},
     ],
 )
@@ -282,7 +286,9 @@ async def test_a_pod_takes_a_cached_vm_with_its_share_network_and_cgroup(
 ) -> None:
     netns, pod_ip, _ = pod_netns
     cached_id = await _ready(cache.server)
-    assert await _status(cache.server.ready[0].vm.qmp_path) == "paused"  # no CPU while it waits
+    assert await _status(cache.server.ready[0].vm.qmp_path) == "running"  # no cont to wait for
+    cached_virtiofsd = cache.server.ready[0].vm.virtiofsd_pid  # its share is plugged already
+    assert cached_virtiofsd is not None
     vc = VirtContainers(nursery, cache.config, cgroups=host_cgroups)
     s = sid()
     script = "test -x /bin/busybox && echo rootfs-ok; sleep 1000"
@@ -299,9 +305,14 @@ async def test_a_pod_takes_a_cached_vm_with_its_share_network_and_cgroup(
     assert vm.restored  # a template's clone: the pod renewed its RNG and clock
     assert (await vm.qmp.execute("query-status"))["status"] == "running"
     assert sandbox.state.cgroup_path in _cgroup_of(vm.pid)  # moved into the pod's cgroup
-    assert vm.virtiofsd_pid is not None
+    assert vm.virtiofsd_pid == cached_virtiofsd
     assert sandbox.state.cgroup_path in _cgroup_of(vm.virtiofsd_pid)
     c = sandbox.container("c")
+    # The pod's tree is in the cached VM's share, in its virtiofsd's mount namespace.
+    top = share_top(Path(sandbox.state.vm_dir))
+    assert c.state.rootfs.startswith(f"{top}/")
+    assert f"{top}/mounts/c/rootfs" in mounts_in_every_namespace(str(top))
+    assert not mounts_in_every_namespace(str(Store(cache.config.runtime.state_dir).sbs))
     out = b""
     with trio.fail_after(60):
         while b"rootfs-ok" not in out:
@@ -317,6 +328,8 @@ async def test_a_pod_takes_a_cached_vm_with_its_share_network_and_cgroup(
     await vc.stop_sandbox(s)
     await vc.delete_sandbox(s)
     assert not Path(sandbox.state.vm_dir).exists()
+    assert mounts_in_every_namespace(str(top)) == []
+    assert vm_processes(str(top)) == []  # its virtiofsd went with the pod
     assert not (template.clones_dir(cache.config.factory.template_path) / cached_id).exists()
 
 
