@@ -10,9 +10,12 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from shimv2.errdefs import Error
-from shimv2.shim.flags import Flags, parse
+from shimv2.shim import clean_exit
+
+if TYPE_CHECKING:
+    from shimv2.shim.flags import Flags
 
 PROGRAM = "containerd-shim-kata-py-v2"
 
@@ -25,8 +28,16 @@ def _fail(message: str) -> int:
 def run(argv: Sequence[str] | None = None, *, warm: bool = True) -> int:
     """The shim's main; returns the exit status. ``warm``: a warm shim server may run
     ``delete`` (not when this is that server's child already)."""
+    args = sys.argv[1:] if argv is None else argv
+    if (done := clean_exit.answer(args, os.getcwd())) is not None:
+        sys.stdout.buffer.write(done)
+        sys.stdout.flush()
+        return 0
+    from shimv2.errdefs import Error
+    from shimv2.shim.flags import parse
+
     try:
-        flags = parse(sys.argv[1:] if argv is None else argv, os.environ)
+        flags = parse(args, os.environ)
     except Error as exc:
         return _fail(exc.message)
     if flags.version:
@@ -39,7 +50,7 @@ def run(argv: Sequence[str] | None = None, *, warm: bool = True) -> int:
     if flags.action == "start":
         return _start(flags)
     if flags.action == "delete":
-        return _delete(flags, sys.argv[1:] if argv is None else argv, warm)
+        return _delete(flags, args, warm)
     from shimv2.shim import daemon
 
     return daemon.run(flags)
@@ -47,6 +58,7 @@ def run(argv: Sequence[str] | None = None, *, warm: bool = True) -> int:
 
 def _info() -> int:
     from shimv2.cli import package_version
+    from shimv2.errdefs import Error
     from shimv2.shim.info import runtime_info
 
     try:
@@ -71,6 +83,7 @@ def _setup_log(flags: Flags) -> None:
 def _start(flags: Flags) -> int:
     import logging
 
+    from shimv2.errdefs import Error
     from shimv2.shim import bootstrap
 
     _setup_log(flags)

@@ -26,6 +26,7 @@ from typing import Protocol
 import trio
 
 from shimv2.errdefs import Error
+from shimv2.shim import clean_exit
 from shimv2.shim import logging as shim_logging
 from shimv2.shim.bootstrap import SHUTDOWN_SIGNALS, monitor_socket
 from shimv2.shim.events import Publisher
@@ -131,6 +132,8 @@ class Daemon:
     tracer: Tracer | None = None
     shutdown: Shutdown = field(default_factory=Shutdown)
     _socket_removed: bool = field(default=False, init=False)
+    # Set once it has shut down with no sandbox left: its ``delete`` has nothing to do.
+    left_nothing: bool = field(default=False, init=False)
     _monitor_path: str = field(default="", init=False)
 
     async def serve(self) -> None:
@@ -146,6 +149,8 @@ class Daemon:
             if self._monitor_path:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._monitor_path)
+        if self.left_nothing:  # and its sockets are gone: ``delete`` has nothing to do
+            clean_exit.mark(self.flags.bundle or ".")
 
     def _remove_socket(self, path: str) -> None:
         """Once: after that, the path may be a new daemon's (a ``start`` that came later)."""
@@ -180,6 +185,7 @@ class Daemon:
             self._remove_socket(path)
             await self.shutdown.run_callbacks()
             await publisher.aclose(PUBLISHER_DRAIN)
+            self.left_nothing = not vc.holds_sandboxes()
             nursery.cancel_scope.cancel()
 
     async def _serve_metrics(

@@ -233,6 +233,10 @@ class VirtContainers:
                     continue  # deleted while we listed
             return out
 
+    def holds_sandboxes(self) -> bool:
+        """Whether any sandbox is live in this process (created or fetched, not yet gone)."""
+        return bool(self._live)
+
     def vm_processes(self) -> list[tuple[str, str, int]]:
         """(sandbox id, "hypervisor" | "virtiofsd", pid) of the VMs this process runs."""
         out = []

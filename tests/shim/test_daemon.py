@@ -17,6 +17,7 @@ from google.protobuf.empty_pb2 import Empty
 from shimv2.errdefs import Unavailable
 from shimv2.pb.containerd.events.task_pb2 import TaskDelete
 from shimv2.pb.containerd.runtime.task.v2.shim_pb2 import ShutdownRequest
+from shimv2.shim import clean_exit
 from shimv2.shim import logging as shim_logging
 from shimv2.shim.daemon import Daemon, TaskServiceLike, reap_orphans
 from shimv2.shim.events import Publisher
@@ -80,7 +81,9 @@ async def test_serve_until_shutdown(tmp_path: Path, nursery: trio.Nursery) -> No
         return FakeTaskService(publisher, shutdown, calls)
 
     shim_path = tmp_path / "shim.sock"
-    flags = Flags(id="pod1", namespace="k8s.io", ttrpc_address=events_path)
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    flags = Flags(id="pod1", namespace="k8s.io", ttrpc_address=events_path, bundle=str(bundle))
     daemon = Daemon(flags, listening_socket(shim_path), factory)
     done = trio.Event()
 
@@ -97,6 +100,7 @@ async def test_serve_until_shutdown(tmp_path: Path, nursery: trio.Nursery) -> No
         await done.wait()
     assert calls == ["second", "first"]
     assert not shim_path.exists()
+    assert (bundle / clean_exit.MARKER).is_file()  # no sandbox left: ``delete`` answers at once
     [forwarded] = recorder.received
     assert forwarded.envelope.topic == "/tasks/delete"
     assert forwarded.envelope.namespace == "k8s.io"
