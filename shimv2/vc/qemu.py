@@ -89,6 +89,7 @@ class Qemu:
         self._console_scope: trio.CancelScope | None = None
         self._console_done = trio.Event()
         self.restored = False  # booted from a template's state, not cold
+        self.rng_renewed = False  # a clone's, since it was restored (``template.renew_rng``)
         self._released = False  # handed to another process (``release``)
         # The guest has started its vsock device (and the backend took it in): an
         # adopted VM's was, by whoever connected first. Dials need not wait then.

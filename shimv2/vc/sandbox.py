@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import signal
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from google.protobuf.empty_pb2 import Empty
 from shimv2.errdefs import AlreadyExists, Error, FailedPrecondition, NotFound, Unavailable
 from shimv2.guest_protocol import FORWARD_VSOCK_PORT
 from shimv2.pb.kata import agent_pb2, types_pb2
-from shimv2.vc import network, storage
+from shimv2.vc import network, storage, template
 from shimv2.vc.agent import AgentClient, connect_agent, open_stream
 from shimv2.vc.cgroups import HostCgroups, sandbox_cgroup
 from shimv2.vc.config import Config, apply_annotations
@@ -48,7 +47,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-CLONE_SEED_BYTES = 64
 # A late-device VM's vsock agent gets this long before its serial port is used.
 LATE_VSOCK_PATIENCE = 10.0
 AGENT_HOLD_TIMEOUT = 10.0  # pausing: the guest reads what the host sent before
@@ -243,12 +241,12 @@ class Sandbox:
 
         Before anything runs in it: every clone of a template would otherwise
         draw the same "random" bytes, and see the time the template was saved.
+        A cached VM's RNG was renewed by the cache's server, before its warm-up.
         """
-        seed = agent_pb2.ReseedRandomDevRequest(data=os.urandom(CLONE_SEED_BYTES))
-        await self.agent.call("ReseedRandomDev", seed, Empty)
-        now = time.time_ns() // 1000
-        clock = agent_pb2.SetGuestDateTimeRequest(Sec=now // 1_000_000, Usec=now % 1_000_000)
-        await self.agent.call("SetGuestDateTime", clock, Empty)
+        assert self.vm is not None
+        if not self.vm.rng_renewed:
+            await template.renew_rng(self.agent)
+        await template.set_clock(self.agent)
 
     async def _configure_guest_network(self) -> None:
         """Give the guest the pod's addresses, routes and neighbours (matched by MAC)."""

@@ -32,9 +32,11 @@ import time
 from pathlib import Path
 
 import trio
+from google.protobuf.empty_pb2 import Empty
 
 from shimv2.errdefs import Error, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from shimv2.vc.agent import connect_agent
+from shimv2.pb.kata import agent_pb2
+from shimv2.vc.agent import AgentClient, connect_agent
 from shimv2.vc.factory import DirectFactory, Factory
 from shimv2.vc.procs import Child
 from shimv2.vc.qemu import Qemu
@@ -50,7 +52,28 @@ TMPFS_MAGIC = "tmpfs"
 # After the agent answered, the host leaves; the agent notices and waits for the
 # next host (a clone's shim). Saving in between would freeze it mid-way.
 SETTLE_SECONDS = 1.0
+CLONE_SEED_BYTES = 64
 SAVE_TIMEOUT = 60.0
+
+
+# -- what every clone renews before anything runs in it -------------------------------
+
+
+async def renew_rng(agent: AgentClient) -> None:
+    """Reseed the guest's RNG (the kernel's and the agent's) from the host's.
+
+    Every clone of a template starts with the template's RNG state: before
+    anything runs in it, or its "random" bytes are every other clone's.
+    """
+    seed = agent_pb2.ReseedRandomDevRequest(data=os.urandom(CLONE_SEED_BYTES))
+    await agent.call("ReseedRandomDev", seed, Empty)
+
+
+async def set_clock(agent: AgentClient) -> None:
+    """Set the guest's wall clock from the host's: a clone wakes at its template's time."""
+    now = time.time_ns() // 1000
+    clock = agent_pb2.SetGuestDateTimeRequest(Sec=now // 1_000_000, Usec=now % 1_000_000)
+    await agent.call("SetGuestDateTime", clock, Empty)
 
 
 def template_config(config: QemuConfig) -> QemuConfig:

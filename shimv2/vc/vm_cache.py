@@ -52,7 +52,7 @@ from shimv2.vc.mountns import MountNamespace
 from shimv2.vc.qemu import Qemu
 from shimv2.vc.qemu_config import QemuConfig, resolve_channel
 from shimv2.vc.ratelimit import Backoff
-from shimv2.vc.template import clones_dir, template_key
+from shimv2.vc.template import clones_dir, renew_rng, template_key
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +105,7 @@ class CachedVm:
     vsock_backend_start_time: int = 0
     accelerator: str = ""
     restored: bool = False  # a template's clone: its RAM copy is clones/<id>
+    rng_renewed: bool = False  # its RNG reseeded by the server (``template.renew_rng``)
     # Its share's virtiofsd, whose mount namespace holds the tree (``share_top``).
     virtiofsd_pid: int = 0
     virtiofsd_start_time: int = 0
@@ -121,6 +122,7 @@ class CachedVm:
             vsock_backend_start_time=vm.vsock_backend_start_time,
             accelerator=vm.accelerator or "",
             restored=vm.restored,
+            rng_renewed=vm.rng_renewed,
             virtiofsd_pid=vm.virtiofsd_pid or 0,
             virtiofsd_start_time=vm.virtiofsd_start_time,
         )
@@ -147,6 +149,7 @@ class CachedVm:
             or not isinstance(vm.accelerator, str)
             or len(vm.accelerator) > 16
             or not isinstance(vm.restored, bool)
+            or not isinstance(vm.rng_renewed, bool)
         ):
             raise InvalidArgument(f"vm cache: a malformed VM record: {str(raw)[:200]}")
         check_id(vm.id, "cached VM id")
@@ -327,9 +330,10 @@ class CacheFactory:
             vsock_backend_start_time=record.vsock_backend_start_time,
         )
         vm.accelerator = record.accelerator or None
-        # A clone shares its RNG state with its template, and its clock is the
-        # template's: the pod renews both (``Sandbox._fix_up_clone``).
+        # Its clock is set by the pod, and its RNG too unless the server renewed it
+        # (``Sandbox._fix_up_clone``): a clone's are its template's.
         vm.restored = True
+        vm.rng_renewed = record.rng_renewed
         try:
             if (await vm.qmp.execute("query-status")).get("status") == "paused":
                 await vm.resume()  # an older server's (it paused its VMs)
@@ -471,6 +475,9 @@ class VmCache:
             # vsock device (which the pod's agent connection then uses at once).
             endpoint = vm.serial_agent_endpoint() or vm.agent_endpoint()
             async with connect_agent(endpoint, ready_timeout=self.dial_timeout) as agent:
+                if vm.restored:  # before anything runs in it, the warm-up included
+                    await renew_rng(agent)
+                    vm.rng_renewed = True
                 await warm_up(agent)
             if (ready := vm.agent_endpoint().ready) is not None:
                 await ready()

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import socket
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -46,7 +47,11 @@ from shimv2.vc.vm_cache import (
 from tests.leaks import RecordingCgroups, vm_processes
 from tests.mountinfo import mounts_in_every_namespace
 from tests.vc.test_sandbox import container, host_cgroups, pod_netns, sid, state_dir
-from tests.vc.test_template import template_path  # a template of this module's own
+from tests.vc.test_template import (  # a template of this module's own
+    FIRST_ACTION,
+    in_the_vms_uts,
+    template_path,
+)
 
 __all__ = ["host_cgroups", "pod_netns", "state_dir", "template_path"]  # fixtures, used by name
 
@@ -98,6 +103,7 @@ def test_the_key_holds_the_templates_and_the_channel(tmp_path: Path) -> None:
         {"start_time": 0},  # without it a pid names nothing for sure
         {"channel": "tcp"},
         {"restored": "yes"},
+        {"rng_renewed": 1},
         {"accelerator": "x" * 100},
         {"vsock_cid": 1 << 64},
         {"virtiofsd_pid": -1},
@@ -302,7 +308,8 @@ async def test_a_pod_takes_a_cached_vm_with_its_share_network_and_cgroup(
     assert vm.vm_id == cached_id  # the cached VM, not a clone made for the pod
     assert sandbox.state.vm_id == cached_id
     assert sandbox.state.vm_dir == str(Store(cache.config.runtime.state_dir).vm_dir(cached_id))
-    assert vm.restored  # a template's clone: the pod renewed its RNG and clock
+    assert vm.restored  # a template's clone: its RNG and clock renewed
+    assert vm.rng_renewed  # the RNG by the server, before its warm-up container
     assert (await vm.qmp.execute("query-status"))["status"] == "running"
     assert sandbox.state.cgroup_path in _cgroup_of(vm.pid)  # moved into the pod's cgroup
     assert vm.virtiofsd_pid == cached_virtiofsd
@@ -384,3 +391,39 @@ async def test_a_vm_not_acknowledged_or_dead_in_the_cache_is_replaced(cache: Cac
     await _ready(server, but=second)
     assert not (Path(cache.config.runtime.state_dir) / "vm" / second).exists()
     assert not (template.clones_dir(cache.config.factory.template_path) / second).exists()
+
+
+@pytest.mark.vm
+async def test_cached_vms_draw_their_own_randomness_and_keep_the_hosts_clock(
+    cache: Cached, nursery: trio.Nursery, host_cgroups: RecordingCgroups, tmp_path: Path
+) -> None:
+    vc = VirtContainers(nursery, cache.config, cgroups=host_cgroups)
+    lines: dict[str, list[str]] = {}
+    taken: list[str] = []
+    for name in ("one", "two"):
+        taken.append(await _ready(cache.server, but=taken[-1] if taken else ""))
+        s = sid()
+        before = time.time()
+        cfg = SandboxConfig(
+            id=s,
+            hostname=f"pod-{name}",
+            containers=(in_the_vms_uts(tmp_path, f"c{name}", ["sh", "-c", FIRST_ACTION]),),
+        )
+        sandbox = await vc.run_sandbox(cfg)
+        assert sandbox.vm is not None
+        assert sandbox.vm.vm_id == taken[-1]  # each from the cache, clones of one template
+        c = sandbox.container(f"c{name}")
+        out = b""
+        with trio.fail_after(60):
+            while chunk := await c.read_stdout(""):
+                out += chunk
+            assert await c.wait() == 0
+        after = time.time()
+        lines[name] = out.decode().split()
+        assert len(lines[name]) == 3, out
+        assert before - 1 <= int(lines[name][1]) <= after + 1
+        assert lines[name][2] == f"pod-{name}"
+        await vc.stop_sandbox(s)
+        await vc.delete_sandbox(s)
+    assert len(lines["one"][0]) == 32
+    assert lines["one"][0] != lines["two"][0]
