@@ -177,13 +177,15 @@ def pod_memory(cd: Containerd, runtime: str, clones: Path) -> dict[str, float]:
         usage: dict[str, float] = {}
         procs = processes()
         roles = pod_roles(name, procs)
-        if vm_id:  # a cached VM: its QEMU and vsock backend are the cache server's children
+        if vm_id:  # a cached VM: its QEMU, virtiofsd and vsock backend are the cache server's
             for p in procs.values():
                 line = " ".join(p.argv)
                 if f"kata-py-{vm_id}" in p.argv:
                     roles.setdefault("qemu", []).append(p.pid)
-                elif "vhost-device-vsock" in line and f"/vm/{vm_id}/" in line:
-                    roles.setdefault("vsock", []).append(p.pid)
+                elif f"/vm/{vm_id}/" in line:
+                    for exe, role in (("vhost-device-vsock", "vsock"), ("virtiofsd", "virtiofsd")):
+                        if Path(p.argv[0]).name == exe:
+                            roles.setdefault(role, []).append(p.pid)
         for role, pids in roles.items():
             for pid in pids:
                 guest = guest_pss_mib(pid, ram_dirs=(str(copy),))
