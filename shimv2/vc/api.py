@@ -16,7 +16,7 @@ from typing import Any
 import trio
 from google.protobuf.empty_pb2 import Empty
 
-from shimv2.errdefs import FailedPrecondition, NotFound, ResourceExhausted
+from shimv2.errdefs import Error, FailedPrecondition, NotFound, ResourceExhausted
 from shimv2.pb.kata import agent_pb2, types_pb2
 from shimv2.vc.cgroups import HostCgroups
 from shimv2.vc.config import Config, load_config
@@ -200,6 +200,11 @@ class VirtContainers:
                 c.vm_lost()
             return
         sandbox.vm = vm
+        if vm.virtiofsd_pid:
+            try:  # the previous owner's thread in it died with it
+                await sandbox.join_vm_share(vm)
+            except (Error, OSError) as exc:
+                log.warning("sandbox %s: its mounts are out of reach: %s", state.id, exc)
         sandbox.spawn(sandbox.watch_vm)
         await sandbox.connect_agent(self.config.agent.dial_timeout)
         sandbox.spawn(sandbox.watch_oom)

@@ -171,7 +171,7 @@ class Sandbox:
             for t in self.taps:
                 t.close()  # QEMU holds its own copies now
         if self.vm.config.shared_dir != qemu_config.shared_dir:
-            await self._take_vm_share(self.vm)
+            await self.join_vm_share(self.vm)
         self._record_vm(self.vm)
         self.save()
         self.spawn(self.watch_vm)
@@ -182,13 +182,14 @@ class Sandbox:
         await self._configure_guest_network()
         await self._start_port_forward()
 
-    async def _take_vm_share(self, vm: Qemu) -> None:
-        """A cached VM came with its share, its tree in virtiofsd's mount namespace:
-        the pod's tree goes there, and the namespace made for it is let go."""
+    async def join_vm_share(self, vm: Qemu) -> None:
+        """Keep the pod's tree in the mount namespace of the VM's virtiofsd, which holds it:
+        a cached VM's own share (the namespace made for the pod is let go), or the
+        pod's after a shim restart."""
         fd = vm.open_share_namespace()
         ns = await trio.to_thread.run_sync(MountNamespace.join, fd)
         unused, self.mount_ns = self.mount_ns, ns
-        self.state.shared_dir = str(vm.config.shared_dir)
+        self.state.shared_dir = vm.config.shared_dir or self.state.shared_dir
         if unused is not None:
             await trio.to_thread.run_sync(unused.close)  # what it has mounted goes with it
 

@@ -13,7 +13,7 @@ falls back to the next factory, logged, never an error.
 
 A cached VM has its virtio-fs already, served by its own virtiofsd from a share
 of its own (``share_top``) in a mount namespace that only that virtiofsd holds;
-the shim joins the namespace (``Sandbox._take_vm_share``) and mounts the pod's
+the shim joins the namespace (``Sandbox.join_vm_share``) and mounts the pod's
 tree there. It runs while it waits, warmed by one throwaway container.
 
 Only root may ask or answer (``SO_PEERCRED``), and each side bounds what it

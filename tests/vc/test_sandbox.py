@@ -298,6 +298,10 @@ async def test_fetch_from_another_process_after_the_owner_died(
     sandbox = await vc.fetch_sandbox(s)
     assert sandbox.vm is not None
     assert sandbox.vm.pid == sandbox.state.qemu_pid
+    # The pod's tree is in reach again: the namespace its virtiofsd holds.
+    assert sandbox.mount_ns is not None
+    with open(sandbox.mount_ns.path.replace("/ns/mnt", "/mountinfo")) as f:
+        assert sandbox.container("c").state.rootfs in [line.split()[4] for line in f]
     # The agent answers the new process on the same VM.
     assert b"sleep" in await process_table_once_it_shows(vc, s, "c", b"sleep")
     assert (await vc.status_container(s, "c")).state == "running"

@@ -363,6 +363,10 @@ async def test_a_shim_restart_finds_its_cached_vm_again(
     assert found.vm.vm_id == cached_id
     assert found.vm.pid == pid
     assert (await again.status_container(s, "c")).state == "running"
+    # The pod's tree is in reach again: the namespace its virtiofsd holds.
+    assert found.mount_ns is not None
+    with open(found.mount_ns.path.replace("/ns/mnt", "/mountinfo")) as f:
+        assert found.container("c").state.rootfs in [line.split()[4] for line in f]
     await again.stop_sandbox(s)
     await again.delete_sandbox(s)
     assert (
