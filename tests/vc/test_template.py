@@ -12,7 +12,7 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -34,7 +34,7 @@ from shimv2.vc.container import ContainerConfig
 from shimv2.vc.factory import DirectFactory
 from shimv2.vc.qemu import Qemu
 from shimv2.vc.qemu_config import Nic, QemuConfig, default_backend, resolve_channel
-from shimv2.vc.sandbox import LATE_VSOCK_PATIENCE, SandboxConfig
+from shimv2.vc.sandbox import LATE_VSOCK_PATIENCE, Sandbox, SandboxConfig
 from shimv2.vc.template import TemplateFactory, template_key
 from shimv2.vc.testing import RecordingFactory
 from tests.guest.rootfs import build_rootfs, make_spec
@@ -217,6 +217,38 @@ def in_the_vms_uts(tmp_path: Path, cid: str, args: list[str]) -> ContainerConfig
 FIRST_ACTION = "od -An -tx1 -N16 /dev/urandom | tr -d ' \\n'; echo; date +%s; hostname"
 
 
+async def first_action(
+    vc: VirtContainers, tmp_path: Path, name: str, check: Callable[[Sandbox], None]
+) -> str:
+    """Run a pod (hostname ``pod-<name>``) whose container's first action prints 16 bytes of
+    ``/dev/urandom``, the time and the hostname; ``check`` its sandbox, check that the time
+    is the host's and the hostname the pod's, and return the random bytes (hex)."""
+    s = sid()
+    before = time.time()
+    cfg = SandboxConfig(
+        id=s,
+        hostname=f"pod-{name}",
+        containers=(in_the_vms_uts(tmp_path, f"c{name}", ["sh", "-c", FIRST_ACTION]),),
+    )
+    sandbox = await vc.run_sandbox(cfg)
+    check(sandbox)
+    c = sandbox.container(f"c{name}")
+    out = b""
+    with trio.fail_after(60):
+        while chunk := await c.read_stdout(""):
+            out += chunk
+        assert await c.wait() == 0
+    after = time.time()
+    lines = out.decode().split()
+    assert len(lines) == 3, out
+    assert before - 1 <= int(lines[1]) <= after + 1  # the host's time, not the template's
+    assert lines[2] == f"pod-{name}"  # from the request, not the template
+    await vc.stop_sandbox(s)
+    await vc.delete_sandbox(s)
+    assert len(lines[0]) == 32
+    return lines[0]
+
+
 @pytest.mark.vm
 @pytest.mark.parametrize("vc_from_template", ["auto", "serial"], indirect=True)
 async def test_clones_draw_their_own_randomness_and_keep_the_hosts_clock(
@@ -225,34 +257,14 @@ async def test_clones_draw_their_own_randomness_and_keep_the_hosts_clock(
     vc = vc_from_template
     # auto is hybrid vsock here (scripts/setup builds its backend): plugged after the restore.
     wanted = resolve_channel(vc.config.hypervisor.agent_channel, default_backend())
-    lines: dict[str, list[str]] = {}
-    for name in ("one", "two"):
-        s = sid()
-        before = time.time()
-        cfg = SandboxConfig(
-            id=s,
-            hostname=f"pod-{name}",
-            containers=(in_the_vms_uts(tmp_path, f"c{name}", ["sh", "-c", FIRST_ACTION]),),
-        )
-        sandbox = await vc.run_sandbox(cfg)
+
+    def check(sandbox: Sandbox) -> None:
         assert sandbox.vm is not None
         assert sandbox.vm.restored
         assert sandbox.vm.channel == wanted
-        c = sandbox.container(f"c{name}")
-        out = b""
-        with trio.fail_after(60):
-            while chunk := await c.read_stdout(""):
-                out += chunk
-            assert await c.wait() == 0
-        after = time.time()
-        lines[name] = out.decode().split()
-        assert len(lines[name]) == 3, out
-        assert before - 1 <= int(lines[name][1]) <= after + 1  # the host's time, not the template's
-        assert lines[name][2] == f"pod-{name}"  # from the request, not the template
-        await vc.stop_sandbox(s)
-        await vc.delete_sandbox(s)
-    assert len(lines["one"][0]) == 32
-    assert lines["one"][0] != lines["two"][0]
+
+    one = await first_action(vc, tmp_path, "one", check)
+    assert one != await first_action(vc, tmp_path, "two", check)
 
 
 @pytest.mark.vm

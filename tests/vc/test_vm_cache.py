@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import socket
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,7 @@ from shimv2.vc.config import (
 from shimv2.vc.persist import Store
 from shimv2.vc.qemu_config import QemuConfig
 from shimv2.vc.qmp import Qmp
-from shimv2.vc.sandbox import SandboxConfig
+from shimv2.vc.sandbox import Sandbox, SandboxConfig
 from shimv2.vc.template import TemplateFactory
 from shimv2.vc.testing import RecordingFactory
 from shimv2.vc.vm_cache import (
@@ -47,10 +46,9 @@ from shimv2.vc.vm_cache import (
 from tests.leaks import RecordingCgroups, vm_processes
 from tests.mountinfo import mounts_in_every_namespace
 from tests.vc.test_sandbox import container, host_cgroups, pod_netns, sid, state_dir
-from tests.vc.test_template import (  # a template of this module's own
-    FIRST_ACTION,
-    in_the_vms_uts,
-    template_path,
+from tests.vc.test_template import (
+    first_action,
+    template_path,  # a template of this module's own
 )
 
 __all__ = ["host_cgroups", "pod_netns", "state_dir", "template_path"]  # fixtures, used by name
@@ -402,32 +400,13 @@ async def test_cached_vms_draw_their_own_randomness_and_keep_the_hosts_clock(
     cache: Cached, nursery: trio.Nursery, host_cgroups: RecordingCgroups, tmp_path: Path
 ) -> None:
     vc = VirtContainers(nursery, cache.config, cgroups=host_cgroups)
-    lines: dict[str, list[str]] = {}
     taken: list[str] = []
-    for name in ("one", "two"):
-        taken.append(await _ready(cache.server, but=taken[-1] if taken else ""))
-        s = sid()
-        before = time.time()
-        cfg = SandboxConfig(
-            id=s,
-            hostname=f"pod-{name}",
-            containers=(in_the_vms_uts(tmp_path, f"c{name}", ["sh", "-c", FIRST_ACTION]),),
-        )
-        sandbox = await vc.run_sandbox(cfg)
+
+    def check(sandbox: Sandbox) -> None:
         assert sandbox.vm is not None
         assert sandbox.vm.vm_id == taken[-1]  # each from the cache, clones of one template
-        c = sandbox.container(f"c{name}")
-        out = b""
-        with trio.fail_after(60):
-            while chunk := await c.read_stdout(""):
-                out += chunk
-            assert await c.wait() == 0
-        after = time.time()
-        lines[name] = out.decode().split()
-        assert len(lines[name]) == 3, out
-        assert before - 1 <= int(lines[name][1]) <= after + 1
-        assert lines[name][2] == f"pod-{name}"
-        await vc.stop_sandbox(s)
-        await vc.delete_sandbox(s)
-    assert len(lines["one"][0]) == 32
-    assert lines["one"][0] != lines["two"][0]
+
+    taken.append(await _ready(cache.server))
+    one = await first_action(vc, tmp_path, "one", check)
+    taken.append(await _ready(cache.server, but=taken[-1]))
+    assert one != await first_action(vc, tmp_path, "two", check)
