@@ -395,13 +395,15 @@ class Qemu:
                 vsock |= {"driver": "vhost-user-vsock-pci", "chardev": "vsock"}
             await qmp.execute("device_add", vsock)
 
-    async def release(self) -> None:
+    async def release(self, *, still_ours: bool = False) -> None:
         """Let another process take this running VM over (``shimv2.vc.vm_cache``).
 
         QMP and the console each serve one client, so both are let go; the
         processes run on, and ``_watch`` still reaps them (they are our children).
+        ``still_ours``: until ``disown``, a helper's death still ends the VM (a
+        cached VM whose virtiofsd died must not be handed out).
         """
-        self._released = True
+        self._released = not still_ours
         if self._console_scope is not None:
             self._console_scope.cancel()
             with trio.move_on_after(1):
@@ -409,6 +411,10 @@ class Qemu:
         if self._qmp is not None:
             await self._qmp.aclose()
             self._qmp = None
+
+    def disown(self) -> None:
+        """The VM is another process's now: a helper's death is its business."""
+        self._released = True
 
     async def join_pod(self, nursery: trio.Nursery) -> None:
         """A VM started for no pod (a cached one, adopted) becomes this pod's.

@@ -484,7 +484,7 @@ class VmCache:
             # Running while it waits, as Kata's runtime-rs keeps its cache: an idle
             # guest takes 1-2 % of a CPU under TCG, but a paused one costs the pod
             # ``cont`` and the restart of its vsock device (about 0.13 s here).
-            await vm.release()
+            await vm.release(still_ours=True)
         except BaseException:
             with trio.CancelScope(shield=True):
                 await vm.shutdown()
@@ -532,6 +532,7 @@ class VmCache:
             return
         cached = self.ready.pop(0)
         cached.handed_out = True
+        cached.vm.disown()
         self.handed_out += 1
         self._last_handout = trio.current_time()
         self._wake.set()

@@ -390,9 +390,19 @@ async def test_a_vm_not_acknowledged_or_dead_in_the_cache_is_replaced(cache: Cac
     victim = server.ready[0].vm.pid
     assert victim is not None
     os.kill(victim, 9)
-    await _ready(server, but=second)
+    third = await _ready(server, but=second)
     assert not (Path(cache.config.runtime.state_dir) / "vm" / second).exists()
     assert not (template.clones_dir(cache.config.factory.template_path) / second).exists()
+    # So is one whose virtiofsd dies: its share is gone, and its QEMU goes with it.
+    victim = server.ready[0].vm.virtiofsd_pid
+    qemu = server.ready[0].vm.pid
+    assert victim is not None
+    os.kill(victim, 9)
+    await _ready(server, but=third)
+    assert vm_processes(f"/vm/{third}/") == []
+    assert qemu is not None
+    assert not os.path.exists(f"/proc/{qemu}/cmdline")
+    assert not (Path(cache.config.runtime.state_dir) / "vm" / third).exists()
 
 
 @pytest.mark.vm
