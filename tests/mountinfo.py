@@ -19,20 +19,26 @@ def mounts_in_every_namespace(prefix: str) -> list[str]:
     process's table alone would never show them leaking.
     """
     seen: set[str] = set()
-    found: list[str] = []
+    found: set[str] = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         for task in _tasks(pid):
             try:
                 ns = os.readlink(f"/proc/{pid}/task/{task}/ns/mnt")
                 if ns in seen:
                     continue
-                seen.add(ns)
+                root = os.readlink(f"/proc/{pid}/task/{task}/root")
                 with open(f"/proc/{pid}/task/{task}/mountinfo") as f:
                     points = [line.split()[4] for line in f]
             except OSError:
                 continue  # gone meanwhile
-            found += [p for p in points if p == prefix or p.startswith(prefix.rstrip("/") + "/")]
-    return found
+            if root == "/":
+                seen.add(ns)
+            else:
+                # A chrooted task (virtiofsd) sees mount points relative to its root, and
+                # none outside it: its namespace is read again from any task that is not.
+                points = [root.rstrip("/") + p if p != "/" else root for p in points]
+            found |= {p for p in points if p == prefix or p.startswith(prefix.rstrip("/") + "/")}
+    return sorted(found)
 
 
 def _tasks(pid: str) -> list[str]:
