@@ -145,6 +145,7 @@ class CachedVm:
             or not all(type(n) is int and 0 <= n < 1 << 63 for n in ints)
             or vm.pid <= 1
             or vm.start_time <= 0
+            or (vm.virtiofsd_pid != 0 and (vm.virtiofsd_pid <= 1 or vm.virtiofsd_start_time <= 0))
             or vm.channel not in CHANNELS
             or not isinstance(vm.accelerator, str)
             or len(vm.accelerator) > 16

@@ -105,6 +105,8 @@ def test_the_key_holds_the_templates_and_the_channel(tmp_path: Path) -> None:
         {"accelerator": "x" * 100},
         {"vsock_cid": 1 << 64},
         {"virtiofsd_pid": -1},
+        {"virtiofsd_pid": 4243},  # without its start time a pid names nothing for sure
+        {"virtiofsd_pid": 1, "virtiofsd_start_time": 99},
         {"virtiofsd_start_time": "99"},
         {"extra": 1},
     ],
