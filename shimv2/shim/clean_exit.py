@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 
 MARKER = "kata-py-clean-exit"
-KILLED_STATUS = 128 + 9  # what the runc shim's delete answers (``shimv2.shim.cleanup``)
+KILLED_STATUS = 128 + 9  # what the runc shim's delete answers (SIGKILL)
 
 
 def mark(bundle: str) -> None:

@@ -29,6 +29,7 @@ from shimv2.shim.bootstrap import (
     read_config_path,
     socket_path,
 )
+from shimv2.shim.clean_exit import KILLED_STATUS
 from shimv2.shim.flags import Flags
 from shimv2.vc.config import Config, load_config
 from shimv2.vc.ids import sandbox_id
@@ -43,8 +44,6 @@ if TYPE_CHECKING:
     from shimv2.vc.api import VirtContainers
 
 log = logging.getLogger(__name__)
-
-KILLED_STATUS = 128 + 9
 
 
 def response() -> DeleteResponse:

@@ -170,6 +170,19 @@ class ProcessIdentity:
         os.close(fd)
         return None
 
+    def open_mount_namespace(self) -> int | None:
+        """An fd of this very process's mount namespace, or None (as ``open_pidfd``)."""
+        if not self.matches():
+            return None
+        try:
+            fd = os.open(f"/proc/{self.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        if self.matches():
+            return fd
+        os.close(fd)
+        return None
+
 
 def _has_option(argv: list[str], option: str, value: str) -> bool:
     joined = f"{option}={value}"

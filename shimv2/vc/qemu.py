@@ -90,7 +90,7 @@ class Qemu:
         self._console_done = trio.Event()
         self.restored = False  # booted from a template's state, not cold
         self.rng_renewed = False  # a clone's, since it was restored (``template.renew_rng``)
-        self._released = False  # handed to another process (``release``)
+        self._released = False  # another process's now (``disown``)
         # The guest has started its vsock device (and the backend took it in): an
         # adopted VM's was, by whoever connected first. Dials need not wait then.
         self._vsock_started = False
@@ -156,20 +156,6 @@ class Qemu:
     @property
     def virtiofsd_start_time(self) -> int:
         return self._virtiofsd.start_time if self._virtiofsd is not None else 0
-
-    def open_share_namespace(self) -> int:
-        """An fd of virtiofsd's mount namespace: a cached VM's share is mounted there.
-
-        Opened through the pid, then the pid checked to be that virtiofsd still.
-        """
-        helper = self._virtiofsd
-        if helper is None:
-            raise FailedPrecondition(f"vm {self.vm_id}: no virtiofsd")
-        fd = os.open(f"/proc/{helper.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        if not ProcessIdentity(helper.pid, helper.start_time).matches():
-            os.close(fd)
-            raise Unavailable(f"vm {self.vm_id}: virtiofsd exited")
-        return fd
 
     @property
     def qmp(self) -> Qmp:
@@ -395,15 +381,13 @@ class Qemu:
                 vsock |= {"driver": "vhost-user-vsock-pci", "chardev": "vsock"}
             await qmp.execute("device_add", vsock)
 
-    async def release(self, *, still_ours: bool = False) -> None:
+    async def release(self) -> None:
         """Let another process take this running VM over (``shimv2.vc.vm_cache``).
 
         QMP and the console each serve one client, so both are let go; the
         processes run on, and ``_watch`` still reaps them (they are our children).
-        ``still_ours``: until ``disown``, a helper's death still ends the VM (a
-        cached VM whose virtiofsd died must not be handed out).
+        Until ``disown``, a helper's death still ends the VM.
         """
-        self._released = not still_ours
         if self._console_scope is not None:
             self._console_scope.cancel()
             with trio.move_on_after(1):

@@ -186,7 +186,10 @@ class Sandbox:
         """Keep the pod's tree in the mount namespace of the VM's virtiofsd, which holds it:
         a cached VM's own share (the namespace made for the pod is let go), or the
         pod's after a shim restart."""
-        fd = vm.open_share_namespace()
+        virtiofsd = ProcessIdentity(vm.virtiofsd_pid or 0, vm.virtiofsd_start_time)
+        fd = virtiofsd.open_mount_namespace()
+        if fd is None:
+            raise Unavailable(f"sandbox {self.id}: its virtiofsd is gone")
         ns = await trio.to_thread.run_sync(MountNamespace.join, fd)
         unused, self.mount_ns = self.mount_ns, ns
         self.state.shared_dir = vm.config.shared_dir or self.state.shared_dir

@@ -485,7 +485,7 @@ class VmCache:
             # Running while it waits, as Kata's runtime-rs keeps its cache: an idle
             # guest takes 1-2 % of a CPU under TCG, but a paused one costs the pod
             # ``cont`` and the restart of its vsock device (about 0.13 s here).
-            await vm.release(still_ours=True)
+            await vm.release()
         except BaseException:
             with trio.CancelScope(shield=True):
                 await vm.shutdown()

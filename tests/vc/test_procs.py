@@ -135,10 +135,16 @@ def test_identity_needs_a_start_time_or_an_argv(decoys: Decoys) -> None:
     assert not ProcessIdentity(proc.pid, 0).matches()  # nothing to tell it by
     fd = ProcessIdentity(proc.pid, started).open_pidfd()
     assert fd is not None
+    ns = ProcessIdentity(proc.pid, started).open_mount_namespace()
+    assert ns is not None
+    assert os.fstat(ns).st_ino == os.stat(f"/proc/{proc.pid}/ns/mnt").st_ino
+    os.close(ns)
+    assert ProcessIdentity(proc.pid, started + 1).open_mount_namespace() is None
     proc.kill()
     proc.wait()
     assert not ProcessIdentity(proc.pid, started).matches()
     assert ProcessIdentity(proc.pid, started).open_pidfd() is None
+    assert ProcessIdentity(proc.pid, started).open_mount_namespace() is None
     os.close(fd)
 
 
