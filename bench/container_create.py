@@ -25,27 +25,17 @@ rlimit; the table says whether each pair printed the same.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import uuid
 from pathlib import Path
 
 import trio
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from shimv2.oci import spec_to_json  # noqa: E402
-from shimv2.vc.api import VirtContainers  # noqa: E402
-from shimv2.vc.config import AgentConfig, Config, RuntimeConfig  # noqa: E402
-from shimv2.vc.container import ContainerConfig  # noqa: E402
-from shimv2.vc.sandbox import SandboxConfig  # noqa: E402
-from tests.guest.rootfs import build_rootfs, make_spec  # noqa: E402
+# bench/ is sys.path[0] when a script here runs.
+from _guest import CONTAINER_CONFIG, ROOT, file_in_guest, result_line, root_shell
 
 PAIRS = (("crun-nodev", "direct"), ("crun-seccomp", "direct-seccomp"))
 
@@ -59,60 +49,17 @@ def default_spec() -> dict[str, object]:
     return dict(spec)
 
 
-def guest_script(request: dict[str, object]) -> str:
-    """Shell input that writes the script and its request into the guest and runs it."""
-
-    def heredoc(data: bytes, path: str) -> str:
-        text = base64.encodebytes(data).decode()
-        return f"base64 -d > {path} <<'EOF'\n{text}EOF\n"
-
-    script = (ROOT / "bench" / "guest_create.py").read_bytes()
-    return (
-        heredoc(script, "/run/kpy-create.py")
-        + heredoc(json.dumps(request).encode(), "/run/kpy-create.json")
-        + "python3.11 /run/kpy-create.py /run/kpy-create.json\nexit 0\n"
-    )
-
-
 async def run(rounds: int, tmp: Path) -> dict[str, object]:
-    state_dir = f"/run/kpy-cc-{uuid.uuid4().hex[:6]}"
-    config_file = tmp / "config.toml"
-    config_file.write_text(
-        f'[runtime]\nstate_dir = "{state_dir}"\n[agent.kata]\ndebug_console_enabled = true\n'
+    request = {"spec": default_spec(), "rounds": rounds, "config_of": CONTAINER_CONFIG}
+    shell_input = (
+        file_in_guest((ROOT / "bench" / "guest_create.py").read_bytes(), "/run/kpy-create.py")
+        + file_in_guest(json.dumps(request).encode(), "/run/kpy-create.json")
+        + "python3.11 /run/kpy-create.py /run/kpy-create.json\n"
     )
-    config = Config(
-        runtime=RuntimeConfig(state_dir=state_dir), agent=AgentConfig(debug_console_enabled=True)
+    result: dict[str, object] = json.loads(
+        result_line(await root_shell(shell_input, tmp), "RESULT ")
     )
-    bundle = tmp / "bundle"
-    build_rootfs(bundle / "rootfs")
-    spec = spec_to_json(make_spec("rootfs", ["sleep", "1000"]))
-    sid = f"cc{uuid.uuid4().hex[:8]}"
-    request = {"spec": default_spec(), "rounds": rounds,
-               "config_of": "/run/kata-py/containers/c/config.json"}  # fmt: skip
-    kata_py = str(Path(sys.executable).parent / "kata-py")
-    try:
-        async with trio.open_nursery() as nursery:
-            vc = VirtContainers(nursery, config)
-            await vc.run_sandbox(
-                SandboxConfig(id=sid, containers=(ContainerConfig("c", str(bundle), spec),))
-            )
-            argv = [kata_py, "--config", str(config_file), "exec", sid]
-            shell_input = guest_script(request)
-            out = await trio.to_thread.run_sync(
-                lambda: subprocess.run(
-                    argv, input=shell_input, capture_output=True, text=True, timeout=900
-                )
-            )
-            await vc.stop_sandbox(sid)
-            await vc.delete_sandbox(sid)
-            nursery.cancel_scope.cancel()
-    finally:
-        shutil.rmtree(state_dir, ignore_errors=True)
-    for line in out.stdout.replace("\r", "").splitlines():
-        if line.startswith("RESULT {"):
-            result: dict[str, object] = json.loads(line.removeprefix("RESULT "))
-            return result
-    raise SystemExit(f"no result from the guest:\n{out.stdout[-3000:]}\n{out.stderr[-2000:]}")
+    return result
 
 
 def main() -> int:
