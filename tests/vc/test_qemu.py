@@ -157,6 +157,7 @@ async def test_the_guest_runs_in_the_default_size(tmp_path: Path, nursery: trio.
     try:
         async with connect_agent(vm.agent_endpoint(), ready_timeout=90):
             out = await _guest_shell(vm, "grep MemTotal /proc/meminfo")
+            inodes = await _guest_shell(vm, "grep '^inode_cache ' /proc/slabinfo")
         assert vm.pid is not None
         argv = Path(f"/proc/{vm.pid}/cmdline").read_bytes().decode().split("\0")
         if vm.accelerator == "tcg":
@@ -166,6 +167,10 @@ async def test_the_guest_runs_in_the_default_size(tmp_path: Path, nursery: trio.
         # What the kernel keeps for itself (its image, page tables) is not in MemTotal.
         memory = QemuConfig().memory_mib
         assert memory * 1024 * 0.75 < int(match[1]) <= memory * 1024
+        # tracefs, when the kernel makes it, holds ~10,000 of these (8.6 MiB with dentries).
+        match = re.search(rb"inode_cache\s+(\d+)", inodes)
+        assert match is not None, inodes
+        assert int(match[1]) < 2000, inodes
     finally:
         await vm.shutdown()
     assert vm_processes(vm.vm_id) == []
