@@ -44,7 +44,9 @@ from shimv2.vc.qemu_config import QemuConfig
 
 log = logging.getLogger(__name__)
 
-FORMAT = 3  # bumped when what a template holds changes (2: agent on vsock too; 3: serial on PCI)
+# Bumped when what a template holds changes (2: agent on vsock too; 3: serial on PCI;
+# 4: a guest without tracefs).
+FORMAT = 4
 RAM_FILES = ("mem", "mem1")  # what ``Qemu`` names guest RAM backends
 STATE_FILE = "state"
 META_FILE = "template.json"
