@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -152,31 +152,25 @@ class ProcessIdentity:
         return self.option is None or _has_option(_argv(self.pid), *self.option)
 
     def open_pidfd(self) -> int | None:
-        """A pidfd of this very process, or None if the pid is gone or another process.
-
-        Checked before and after opening: if both checks pass, the pid was
-        this process all along, so the fd (which names whatever held the pid
-        when it was opened) is this process's, and signals sent through it
-        can reach no other process.
-        """
-        if not self.matches():
-            return None
-        try:
-            fd = os.pidfd_open(self.pid)
-        except ProcessLookupError:
-            return None
-        if self.matches():
-            return fd
-        os.close(fd)
-        return None
+        """A pidfd of this very process, or None if the pid is gone or another process."""
+        return self._open_checked(lambda: os.pidfd_open(self.pid), ProcessLookupError)
 
     def open_mount_namespace(self) -> int | None:
         """An fd of this very process's mount namespace, or None (as ``open_pidfd``)."""
+        return self._open_checked(
+            lambda: os.open(f"/proc/{self.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC),
+            FileNotFoundError,
+        )
+
+    def _open_checked(self, open_fd: Callable[[], int], gone: type[OSError]) -> int | None:
+        """``open_fd()``, checked before and after: if both checks pass, the pid was
+        this process all along, so the fd (which names whatever held the pid when it
+        was opened) is this process's, and signals sent through it can reach no other."""
         if not self.matches():
             return None
         try:
-            fd = os.open(f"/proc/{self.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = open_fd()
+        except gone:
             return None
         if self.matches():
             return fd
