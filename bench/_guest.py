@@ -21,7 +21,7 @@ from _common import ROOT
 
 from shimv2.oci import spec_to_json
 from shimv2.vc.api import VirtContainers
-from shimv2.vc.config import AgentConfig, Config, RuntimeConfig
+from shimv2.vc.config import load_config
 from shimv2.vc.container import ContainerConfig
 from shimv2.vc.sandbox import SandboxConfig
 from tests.guest.rootfs import build_rootfs, make_spec
@@ -56,9 +56,7 @@ async def root_shell(shell_input: str, tmp: Path, timeout: float = 900) -> Guest
     config_file.write_text(
         f'[runtime]\nstate_dir = "{state_dir}"\n[agent.kata]\ndebug_console_enabled = true\n'
     )
-    config = Config(
-        runtime=RuntimeConfig(state_dir=state_dir), agent=AgentConfig(debug_console_enabled=True)
-    )
+    config = load_config(str(config_file))  # what ``kata-py exec`` reads too
     bundle = tmp / "bundle"
     build_rootfs(bundle / "rootfs")
     spec = spec_to_json(make_spec("rootfs", ["sleep", "1000"]))
