@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
-from types import MappingProxyType
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Awaitable, Iterable
 
 import trio
-from google.protobuf.descriptor import ServiceDescriptor
-from google.protobuf.message import DecodeError, Message
-from google.protobuf.message_factory import GetMessageClass
+from google.protobuf.message import Message
 
-from shimv2.errdefs import Code, DeadlineExceeded, Error, InvalidArgument, ResourceExhausted
+from shimv2.errdefs import ResourceExhausted
 from shimv2.pb.google.rpc.status_pb2 import Status
 from shimv2.ttrpc._codec import (
     NEED_DATA,
@@ -32,74 +27,26 @@ from shimv2.ttrpc._codec import (
     Role,
     StreamError,
 )
+from shimv2.ttrpc._service import (
+    MAX_IN_FLIGHT,
+    CallObserver,
+    PeerCheck,
+    PeerCredentials,
+    Service,
+    Services,
+    peer_credentials,
+    run_call,
+    same_user,
+)
 from shimv2.ttrpc._status import status_from_exception
 from shimv2.ttrpc._transport import Transport, transport_for
-from shimv2.ttrpc._unix import PeerCredentials, peer_credentials
 
 log = logging.getLogger(__name__)
 
-MAX_IN_FLIGHT = 1024
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
-# NamedTuples, not dataclasses: see _codec.RequestReceived.
-class CallContext(NamedTuple):
-    """What a handler knows about its call besides the request message."""
-
-    service: str
-    method: str
-    metadata: Mapping[str, tuple[str, ...]]
-    # Absolute trio time after which the client has given up, or None.
-    deadline: float | None = None
-    peer: PeerCredentials | None = None
-
-    def get(self, key: str) -> str | None:
-        values = self.metadata.get(key.lower())
-        return values[0] if values else None
-
-
-Handler = Callable[[CallContext, Any], Awaitable[Message]]
-
-
-class Method(NamedTuple):
-    request_type: type[Message]
-    handler: Handler
-
-
-class Service(NamedTuple):
-    name: str
-    methods: Mapping[str, Method] = MappingProxyType({})
-
-    @classmethod
-    def from_descriptor(cls, descriptor: ServiceDescriptor, impl: object) -> Service:
-        """Bind the rpcs of a generated service to ``impl``'s same-named coroutines.
-
-        An rpc that ``impl`` lacks is left out, so the server answers UNIMPLEMENTED.
-        """
-        methods: dict[str, Method] = {}
-        for rpc in descriptor.methods:
-            handler = getattr(impl, rpc.name, None)
-            if handler is not None:
-                methods[rpc.name] = Method(GetMessageClass(rpc.input_type), handler)
-        return cls(descriptor.full_name, methods)
-
-
-class PeerCheck(Protocol):
-    def __call__(self, peer: PeerCredentials | None) -> bool: ...
-
-
-def same_user(peer: PeerCredentials | None) -> bool:
-    """Accept only the uid we run as, like containerd's UnixSocketRequireSameUser."""
-    return peer is not None and peer.uid == os.geteuid()
-
-
-class CallObserver(Protocol):
-    """Told of every call once it is answered: its duration and status code (0 = OK)."""
-
-    def __call__(self, service: str, method: str, seconds: float, code: int) -> None: ...
-
-
-class Server:
+class Server(Services):
     def __init__(
         self,
         services: Iterable[Service] = (),
@@ -107,14 +54,9 @@ class Server:
         peer_check: PeerCheck = same_user,
         observer: CallObserver | None = None,
     ):
-        self._services: dict[str, Service] = {}
+        super().__init__(services)
         self._peer_check = peer_check
         self.observer = observer
-        for service in services:
-            self.register(service)
-
-    def register(self, service: Service) -> None:
-        self._services[service.name] = service
 
     async def serve(
         self,
@@ -162,10 +104,6 @@ class Server:
             await _ServerConnection(self, transport, peer).run()
         finally:
             await transport.aclose()
-
-    def lookup(self, service: str, method: str) -> Method | None:
-        svc = self._services.get(service)
-        return svc.methods.get(method) if svc is not None else None
 
 
 class _ServerConnection:
@@ -220,37 +158,9 @@ class _ServerConnection:
             observer(req.service, req.method, time.perf_counter() - started, code)
 
     async def _call(self, event: RequestReceived) -> tuple[bytes, Status | None]:
-        req = event.request
-        method = self._server.lookup(req.service, req.method)
-        if method is None:
-            return b"", Status(
-                code=Code.UNIMPLEMENTED, message=f"{req.service}/{req.method} not implemented"
-            )
-        metadata: dict[str, tuple[str, ...]] = {}
-        for kv in req.metadata:
-            key = kv.key.lower()
-            metadata[key] = (*metadata.get(key, ()), kv.value)
-        deadline = None
-        if req.timeout_nano > 0:
-            deadline = trio.current_time() + req.timeout_nano / 1e9
-        ctx = CallContext(req.service, req.method, metadata, deadline, self._peer)
-        try:
-            try:
-                message = method.request_type.FromString(req.payload)
-            except DecodeError as exc:
-                raise InvalidArgument(f"undecodable {method.request_type.__name__}: {exc}") from exc
-            if deadline is None:  # most calls; a cancel scope costs ~10% of a round trip
-                response = await method.handler(ctx, message)
-            else:
-                with trio.move_on_at(deadline) as scope:
-                    response = await method.handler(ctx, message)
-                if scope.cancelled_caught:
-                    raise DeadlineExceeded(f"{req.service}/{req.method}: deadline exceeded")
-            return response.SerializeToString(), None
-        except Exception as exc:
-            if not isinstance(exc, Error):
-                log.exception("ttrpc: %s/%s failed", req.service, req.method)
-            return b"", status_from_exception(exc)
+        return await run_call(
+            self._server, event.request, self._peer, trio.current_time(), _run_with_deadline
+        )
 
     async def _send(self, stream_id: int, status: Status | None, payload: bytes = b"") -> None:
         frame = self._codec.send_response(stream_id, status, payload)
@@ -259,3 +169,11 @@ class _ServerConnection:
             await self._transport.drain()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("ttrpc: peer gone before response to stream %d", stream_id)
+
+
+async def _run_with_deadline(call: Awaitable[Message], deadline: float | None) -> Message | None:
+    if deadline is None:  # most calls; a cancel scope costs ~10% of a round trip
+        return await call
+    with trio.move_on_at(deadline):
+        return await call
+    return None

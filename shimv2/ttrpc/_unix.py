@@ -10,28 +10,14 @@ import errno
 import os
 import socket
 import stat
-import struct
-from typing import NamedTuple
 
 import trio
 
-_UCRED = struct.Struct("3i")
+from shimv2.ttrpc._service import PeerCredentials as PeerCredentials
+from shimv2.ttrpc._service import peer_credentials as peer_credentials
+
 # sockaddr_un.sun_path is 108 bytes including the terminating NUL.
 MAX_PATH = 107
-
-
-class PeerCredentials(NamedTuple):  # not a dataclass: see _codec.RequestReceived
-    pid: int
-    uid: int
-    gid: int
-
-
-def peer_credentials(sock: socket.socket | trio.socket.SocketType) -> PeerCredentials | None:
-    if sock.family != socket.AF_UNIX:
-        return None
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    pid, uid, gid = _UCRED.unpack(raw)
-    return PeerCredentials(pid, uid, gid)
 
 
 def _check_path(path: str) -> None:

@@ -11,7 +11,7 @@ from google.protobuf.empty_pb2 import Empty
 from google.protobuf.wrappers_pb2 import BytesValue, Int64Value, StringValue
 
 from shimv2.errdefs import DeadlineExceeded, error_for
-from shimv2.ttrpc._server import CallContext, Method, Service
+from shimv2.ttrpc._service import CallContext, Method, Service
 
 INTEROP_SERVICE = "kata_py.interop.v1.Interop"
 METADATA_KEY = "x-kata-test"
