@@ -13,6 +13,7 @@ Only a channel that cannot be opened is fatal (exit status 1).
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib
 import logging
@@ -22,15 +23,15 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
-import trio
-
+from shimv2.aio import TASK_STATUS_IGNORED, TaskStatus, start, start_task
 from shimv2.guest import channel as ch
 from shimv2.guest.health import HealthService
 from shimv2.guest.network import CommandRunner, IpCommand, NetworkService
 from shimv2.guest.system import MODULES_LIST, GuestOS, SandboxService, guest_setup
 from shimv2.guest_protocol import AGENT_PORT_NAME
 from shimv2.pb.kata import agent_pb2, health_pb2
-from shimv2.ttrpc import Method, Server, Service
+from shimv2.ttrpc import Method, Service
+from shimv2.ttrpc.aio import Server
 
 log = logging.getLogger("shimv2.guest")
 
@@ -209,9 +210,9 @@ def build_agent(
     impls: list[object] = [sandbox, network]
     if containers is not None:
         impls.append(containers)
+    # No peer check: the channel's only peer is the host's shim.
     server = Server(
-        [Service.from_descriptor(HEALTH_SERVICE, HealthService()), agent_service(*impls)],
-        peer_check=lambda peer: True,  # the channel's only peer is the host's shim
+        [Service.from_descriptor(HEALTH_SERVICE, HealthService()), agent_service(*impls)]
     )
     return Agent(server, sandbox, network, containers, reaper)
 
@@ -260,15 +261,15 @@ async def serve_channel(
             os.close(fd)
         raise
     try:
-        async with trio.open_nursery() as nursery:
+        async with asyncio.TaskGroup() as group:
             where = []
             if fd is not None:
-                await nursery.start(ch.serve_port, server, fd)
+                await start(group, ch.serve_port, server, fd)
                 where.append(f"serial:{port}")
             if listener is not None:
-                await nursery.start(ch.serve_listener, server, listener)
+                await start(group, ch.serve_listener, server, listener)
                 where.append(f"vsock:{options.vsock_port}")
-                forward = await nursery.start(serve_forward_port)
+                forward = await start(group, serve_forward_port)
                 if forward:
                     where.append(f"port-forward on vsock:{forward}")
             on_ready(" and ".join(where))
@@ -279,9 +280,7 @@ async def serve_channel(
             listener.close()
 
 
-async def serve_forward_port(
-    *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED
-) -> None:
+async def serve_forward_port(*, task_status: TaskStatus = TASK_STATUS_IGNORED) -> None:
     """Port-forward's listener beside the agent's vsock port; without it the agent serves on."""
     from shimv2.guest.port_forward import serve_port_forward
     from shimv2.guest_protocol import FORWARD_VSOCK_PORT
@@ -330,8 +329,8 @@ def setup_logging(debug: bool, in_guest: bool) -> TextIO:
 
 async def run(options: Options, out: TextIO) -> None:
     if options.guest_setup:
-        with trio.fail_after(30):  # every step is bounded; this bounds them all
-            report = await trio.to_thread.run_sync(guest_setup, GuestOS())
+        async with asyncio.timeout(30):  # every step is bounded; this bounds them all
+            report = await asyncio.to_thread(guest_setup, GuestOS())
         log.info(
             "guest setup done at uptime %s: %d modules, lo up=%s, ports=%s, shared=%s, "
             "subreaper=%s",
@@ -348,18 +347,26 @@ async def run(options: Options, out: TextIO) -> None:
             gc.freeze()
             gc.enable()
 
-    async with trio.open_nursery() as nursery:
+    background: list[asyncio.Task[Any]] = []
+    failure: ch.ChannelError | None = None
+    async with asyncio.TaskGroup() as group:
         # The reaper (waitpid(-1)) must run before any rpc spawns a process; the container
         # service runs it with its own background tasks.
         containers_run = getattr(agent.containers, "run", None)
         if containers_run is not None:
-            await nursery.start(containers_run)
+            background.append((await start_task(group, containers_run))[0])
         elif reaper is not None:
-            await nursery.start(reaper.run)
+            background.append((await start_task(group, reaper.run))[0])
         if options.debug_console and reaper is not None:
-            nursery.start_soon(debug_console, reaper, options.port_wait)
-        await serve_channel(agent.server, options, on_ready=ready)
-        nursery.cancel_scope.cancel()
+            background.append(group.create_task(debug_console(reaper, options.port_wait)))
+        try:
+            await serve_channel(agent.server, options, on_ready=ready)
+        except ch.ChannelError as exc:
+            failure = exc  # raised below, whole: the group would wrap it
+        for task in background:
+            task.cancel()
+    if failure is not None:
+        raise failure
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -372,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Uptimes in the start lines show where boot time goes (imports, setup, serving).
     log.info("starting at uptime %s (pid %d, options %s)", uptime(), os.getpid(), options)
     try:
-        trio.run(run, options, out)
+        asyncio.run(run(options, out))
     except ch.ChannelError as exc:
         log.error("no channel to the host: %s", exc)
         return 1

@@ -17,18 +17,20 @@ connection and is logged.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
-import trio
-
+from shimv2.aio import TASK_STATUS_IGNORED, TaskStatus, checkpoint, move_on_after, wait_readable
 from shimv2.guest_protocol import AGENT_PORT_NAME
-from shimv2.ttrpc import FdTransport, Server, SocketTransport, Transport
 from shimv2.ttrpc._codec import HEADER, MessageType
+from shimv2.ttrpc._nonblocking import Transport
+from shimv2.ttrpc.aio import FdTransport, Server, SocketTransport
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +98,7 @@ class HostConnection:
                 del self._pending[:ready]
                 return data
             if self._ended:
-                await trio.lowlevel.checkpoint()
+                await checkpoint()
                 return b""
             data = await self._inner.receive_some()
             if not data:
@@ -155,7 +157,7 @@ async def wait_for_host(fd: int, idle_poll: float = IDLE_POLL) -> bytes:
             data = os.read(fd, 64 * 1024)
         except BlockingIOError:
             # Connected, nothing sent yet.
-            await trio.lowlevel.wait_readable(fd)
+            await wait_readable(fd)
             continue
         except OSError as exc:
             if exc.errno not in _NO_HOST_ERRNOS:
@@ -164,7 +166,7 @@ async def wait_for_host(fd: int, idle_poll: float = IDLE_POLL) -> bytes:
         if data:
             return data
         # No host: poll would report POLLHUP at once, so sleep instead.
-        await trio.sleep(idle_poll)
+        await asyncio.sleep(idle_poll)
 
 
 async def serve_port(
@@ -173,7 +175,7 @@ async def serve_port(
     *,
     idle_poll: float = IDLE_POLL,
     on_connection: Callable[[int], None] | None = None,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: TaskStatus = TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``server`` on the port ``fd`` (not closed here), one host at a time, forever.
 
@@ -191,7 +193,7 @@ async def serve_port(
         except OSError as exc:
             # A port that fails in some other way: log, back off, try again.
             log.warning("agent channel: read failed: %s", exc)
-            await trio.sleep(1)
+            await asyncio.sleep(1)
             continue
         generation += 1
         log.debug("agent channel: host connected (connection %d)", generation)
@@ -224,7 +226,7 @@ async def serve_listener(
     server: Server,
     listener: socket.socket,
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: TaskStatus = TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the agent's ttrpc on ``listener`` (vsock, or unix in tests); a task a connection."""
 
@@ -236,26 +238,29 @@ async def serve_listener(
 
 async def serve_host_connections(
     listener: socket.socket,
-    handle: Callable[[socket.socket], Awaitable[None]],
+    handle: Callable[[socket.socket], Coroutine[Any, Any, None]],
     what: str,
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: TaskStatus = TASK_STATUS_IGNORED,
 ) -> None:
     """Accept the host's connections on ``listener``; ``handle`` each on a task of its own."""
     listener.setblocking(False)
-    async with trio.open_nursery() as nursery:
+    # The number, not the socket: once the socket is closed its fileno() is -1, and the
+    # reader could no longer be removed by it.
+    fd = listener.fileno()
+    async with asyncio.TaskGroup() as group:
         task_status.started()
         while True:
             try:
                 conn, peer = listener.accept()
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(listener)
+                await wait_readable(fd)
                 continue
             except OSError as exc:
                 if exc.errno in (errno.EBADF, errno.EINVAL):
                     return  # closed under us
                 log.warning("%s: accept failed: %s", what, exc)
-                await trio.sleep(0.1)
+                await asyncio.sleep(0.1)
                 continue
             if not host_peer(listener.family, peer):
                 # vsock loopback lets processes in this VM (a container) dial
@@ -263,7 +268,7 @@ async def serve_host_connections(
                 log.warning("%s: refused a connection from %s", what, peer)
                 conn.close()
                 continue
-            nursery.start_soon(handle, conn)
+            group.create_task(handle(conn))
 
 
 def host_peer(family: int, peer: object) -> bool:
@@ -280,10 +285,10 @@ async def wait_for_serial_port(
     sys_ports: Path = Path("/sys/class/virtio-ports"),
 ) -> Path | None:
     """Wait up to ``timeout`` seconds for the port's device node to appear."""
-    with trio.move_on_after(timeout):
+    async with move_on_after(timeout):
         while True:
             path = find_serial_port(name, dev, sys_ports)
             if path is not None:
                 return path
-            await trio.sleep(0.05)
+            await asyncio.sleep(0.05)
     return None

@@ -1,8 +1,8 @@
 """The container half of the agent's ``grpc.AgentService``: containers, processes, stdio.
 
 Serve with ``Service.from_descriptor(agent_pb2.DESCRIPTOR.services_by_name["AgentService"],
-service)`` and run ``service.run`` in a nursery first (it owns the child reaper, the
-stdio pumps and the OOM watcher).
+service)`` and start ``service.run`` first (``shimv2.aio.start``: it owns the child reaper,
+the stdio pumps and the OOM watcher).
 
 Each container's lifecycle verbs hold its own lock (never the service's) across
 runtime calls; ``WaitProcess``, the stream rpcs and ``GetOOMEvent`` take no lock,
@@ -17,6 +17,7 @@ leaves nothing behind.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import enum
@@ -30,10 +31,10 @@ import socket
 from collections import deque
 from collections.abc import Awaitable, Callable
 
-import trio
 from google.protobuf.empty_pb2 import Empty
 
 from shimv2 import oci
+from shimv2.aio import TASK_STATUS_IGNORED, Broadcast, TaskStatus, move_on_after, start
 from shimv2.errdefs import (
     AlreadyExists,
     DeadlineExceeded,
@@ -103,7 +104,7 @@ class Container:
         # Execs forgotten after WaitProcess: a late read of their output is EOF,
         # not NotFound (the host may read its last EOF after waiting). Bounded.
         self.finished_execs: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self.lock = trio.Lock()
+        self.lock = asyncio.Lock()
         self._state = State.CREATING
         self.oom_kills = 0
         self.poststart_hooks = False  # its spec has some: the runtime's own start runs them
@@ -146,32 +147,33 @@ class ContainerService:
         self._cgroup_parent = cgroup_parent
         self._oom_poll_interval = oom_poll_interval
         self._containers: dict[str, Container] = {}
-        self._nursery: trio.Nursery | None = None
+        self._group: asyncio.TaskGroup | None = None
         self._console_seq = 0
         self._oom_events: deque[str] = deque(maxlen=OOM_QUEUE)
-        self._oom_changed = trio.lowlevel.ParkingLot()
-        self._oom_taken = trio.lowlevel.ParkingLot()
+        self._oom_changed = Broadcast()
+        self._oom_taken = Broadcast()
 
     # ---- lifetime -------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus = TASK_STATUS_IGNORED) -> None:
         """Run the reaper, the stdio pumps and the OOM watcher until cancelled."""
         os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
-        async with trio.open_nursery() as nursery:
+        async with asyncio.TaskGroup() as group:
             if not self.runtime.reaper.running:  # else someone else runs it
-                await nursery.start(self.runtime.reaper.run)
-            nursery.start_soon(self._watch_oom)
-            self._nursery = nursery
+                await start(group, self.runtime.reaper.run)
+            group.create_task(self._watch_oom())
+            self._group = group
             try:
                 task_status.started()
-                await trio.sleep_forever()
+                await asyncio.get_running_loop().create_future()  # until cancelled
             finally:
-                self._nursery = None
+                self._group = None
 
-    def _spawn_nursery(self) -> trio.Nursery:
-        if self._nursery is None:
+    def _task_group(self) -> asyncio.TaskGroup:
+        """Where the stdio pumps run: ``run``'s, so they end with it."""
+        if self._group is None:
             raise FailedPrecondition("container service is not running")
-        return self._nursery
+        return self._group
 
     def _container(self, cid: str) -> Container:
         container = self._containers.get(check_id(cid, "container id"))
@@ -231,15 +233,17 @@ class ContainerService:
             raise AlreadyExists(f"container {cid} already exists")
         if len(self._containers) >= MAX_CONTAINERS:
             raise ResourceExhausted(f"more than {MAX_CONTAINERS} containers")
-        nursery = self._spawn_nursery()
+        group = self._task_group()
         container = Container(cid, os.path.join(self.state_dir, cid))
         self._containers[cid] = container
         async with container.lock:
             try:
-                await self._create(container, spec, nursery, req.sandbox_pidns)
+                await self._create(container, spec, group, req.sandbox_pidns)
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    await self._destroy(container, force=True)
+                # In a task of the service's, as trio's shielded scope did: a second cancel
+                # of this call leaves it running, and its deadlines work (under 3.11, a
+                # timeout in a task already being cancelled ends as a bare CancelledError).
+                await asyncio.shield(group.create_task(self._destroy(container, force=True)))
                 raise
         return Empty()
 
@@ -247,7 +251,7 @@ class ContainerService:
         self,
         container: Container,
         spec: oci_pb2.Spec,
-        nursery: trio.Nursery,
+        group: asyncio.TaskGroup,
         sandbox_pidns: bool = False,
     ) -> None:
         bundle = container.bundle
@@ -274,7 +278,7 @@ class ContainerService:
             container,
             "",
             spec.Process.Terminal,
-            nursery,
+            group,
             lambda stdio, console, pid_file: self.runtime.create(
                 container.id,
                 bundle,
@@ -305,10 +309,10 @@ class ContainerService:
                 container.state = State.RUNNING
             # As Kata: a container still running is killed, not refused.
             self._kill_all(container)
-            with trio.move_on_after(timeout) as scope:
+            async with move_on_after(timeout) as scope:
                 for proc in container.processes():
                     await proc.exit.wait()
-            if scope.cancelled_caught:
+            if scope.expired():
                 raise DeadlineExceeded(f"container {container.id} did not exit within {timeout}s")
             await self._destroy(container, force=False)
         return Empty()
@@ -358,7 +362,7 @@ class ContainerService:
         exec_id = check_id(req.exec_id, "exec id")
         if not req.HasField("process") or not req.process.Args:
             raise InvalidArgument("exec needs a process with args")
-        nursery = self._spawn_nursery()
+        group = self._task_group()
         async with container.lock:
             container.require("exec")
             if exec_id in container.execs:
@@ -374,7 +378,7 @@ class ContainerService:
                     container,
                     exec_id,
                     req.process.Terminal,
-                    nursery,
+                    group,
                     lambda stdio, console, pid_file: self.runtime.exec(
                         container.id,
                         process_file,
@@ -393,13 +397,13 @@ class ContainerService:
         container: Container,
         exec_id: str,
         terminal: bool,
-        nursery: trio.Nursery,
+        group: asyncio.TaskGroup,
         run: _Launcher,
     ) -> Process:
         """Start a process with the runtime, with our pipes or a pty as its stdio."""
         pid_file = os.path.join(container.bundle, f"exec-{exec_id}.pid" if exec_id else "init.pid")
         if terminal:
-            return await self._launch_tty(container, exec_id, nursery, run, pid_file)
+            return await self._launch_tty(container, exec_id, group, run, pid_file)
         stdin_r, stdin_w = os.pipe()
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()
@@ -423,14 +427,14 @@ class ContainerService:
             stdout=OutputBuffer(),
             stderr=OutputBuffer(),
         )
-        proc.start_pumps(nursery, stdout_r, stderr_r)
+        proc.start_pumps(group, stdout_r, stderr_r)
         return proc
 
     async def _launch_tty(
         self,
         container: Container,
         exec_id: str,
-        nursery: trio.Nursery,
+        group: asyncio.TaskGroup,
         run: _Launcher,
         pid_file: str,
     ) -> Process:
@@ -439,10 +443,11 @@ class ContainerService:
         self._console_seq += 1
         path = os.path.join(console_dir, f"{self._console_seq}.sock")
         _unlink(path)
-        listener = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         try:
-            await listener.bind(path)
+            listener.setblocking(False)
+            listener.bind(path)
             listener.listen(1)
             await run((null, null, null), path, pid_file)
             master = await receive_fd(listener)
@@ -464,7 +469,7 @@ class ContainerService:
             stderr=OutputBuffer.closed(),
             tty_fd=resize_fd,
         )
-        proc.start_pumps(nursery, master, None)
+        proc.start_pumps(group, master, None)
         return proc
 
     async def SignalProcess(self, ctx: CallContext, req: agent_pb2.SignalProcessRequest) -> Empty:
@@ -620,14 +625,14 @@ class ContainerService:
         self, ctx: CallContext, req: agent_pb2.GetOOMEventRequest
     ) -> agent_pb2.OOMEvent:
         while not self._oom_events:
-            await self._oom_changed.park()
+            await self._oom_changed.wait()
         event = agent_pb2.OOMEvent(container_id=self._oom_events.popleft())
-        self._oom_taken.unpark_all()
+        self._oom_taken.notify_all()
         return event
 
     async def _watch_oom(self) -> None:
         while True:
-            await trio.sleep(self._oom_poll_interval)
+            await asyncio.sleep(self._oom_poll_interval)
             for container in list(self._containers.values()):
                 self._check_oom(container)
 
@@ -640,7 +645,7 @@ class ContainerService:
             return False
         container.oom_kills = kills
         self._oom_events.append(container.id)
-        self._oom_changed.unpark_all()
+        self._oom_changed.notify_all()
         return True
 
     async def _hand_over_oom(self, container: Container) -> None:
@@ -651,9 +656,9 @@ class ContainerService:
         host that does not listen for OOM events.
         """
         if self._check_oom(container):
-            with trio.move_on_after(OOM_HANDOVER):
+            async with move_on_after(OOM_HANDOVER):
                 while container.id in self._oom_events:
-                    await self._oom_taken.park()
+                    await self._oom_taken.wait()
 
     async def remove_all(self, *, runtime_delete: bool = True) -> None:
         """Kill and remove every container (agent shutdown, tests).
@@ -666,7 +671,7 @@ class ContainerService:
             if container.state is State.CREATING:
                 continue
             self._kill_all(container)
-            with trio.move_on_after(5):
+            async with move_on_after(5):
                 for proc in container.processes():
                     await proc.exit.wait()
             await self._destroy(container, force=True, runtime_delete=runtime_delete)

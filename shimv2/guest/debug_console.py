@@ -16,16 +16,16 @@ SIGKILL.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
 import os
 import signal
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
-import trio
-
+from shimv2.aio import TASK_STATUS_IGNORED, TaskStatus, move_on_after, wait_readable
 from shimv2.guest import channel as ch
 from shimv2.guest.stdio import write_all
 from shimv2.guest_protocol import shell_exited
@@ -43,7 +43,7 @@ async def _copy(src: int, dst: int) -> None:
         try:
             data = os.read(src, CHUNK)
         except BlockingIOError:
-            await trio.lowlevel.wait_readable(src)
+            await wait_readable(src)
             continue
         except OSError as exc:
             if exc.errno in (errno.EIO, errno.ENXIO, errno.EPIPE):
@@ -72,20 +72,17 @@ async def run_session(reaper: Any, port: int, first: bytes, argv: Sequence[str] 
     host_left = False
     try:
         await write_all(master, first)
-        async with trio.open_nursery() as nursery:
 
-            async def from_host() -> None:
-                nonlocal host_left
-                await _copy(port, master)
-                host_left = True
-                nursery.cancel_scope.cancel()
+        async def from_host() -> None:
+            nonlocal host_left
+            await _copy(port, master)
+            host_left = True
 
-            nursery.start_soon(from_host)
-            await _copy(master, port)  # until the shell and everything on its pty are gone
-            nursery.cancel_scope.cancel()
+        # Until the host leaves, or the shell and everything on its pty are gone.
+        await _first_to_end(from_host(), _copy(master, port))
         if host_left:
             _signal_group(pid, signal.SIGHUP)
-            with trio.move_on_after(HANGUP_GRACE):
+            async with move_on_after(HANGUP_GRACE):
                 await exit_.wait()
             _signal_group(pid, signal.SIGKILL)
         status = await exit_.wait()
@@ -97,12 +94,27 @@ async def run_session(reaper: Any, port: int, first: bytes, argv: Sequence[str] 
             await write_all(port, shell_exited(status))
 
 
+async def _first_to_end(*coros: Coroutine[Any, Any, None]) -> None:
+    """Run ``coros`` until one ends, then cancel the others. An error is raised as is, not
+    in a group: ``serve_debug_console`` tells a failed session by its OSError."""
+    tasks = [asyncio.create_task(coro) for coro in coros]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+    for task in tasks:
+        if not task.cancelled():
+            task.result()  # its error, if it failed
+
+
 async def serve_debug_console(
     reaper: Any,
     port_path: str,
     *,
     argv: Sequence[str] = SHELL,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: TaskStatus = TASK_STATUS_IGNORED,
 ) -> None:
     """Give each host that connects to the port a shell, one at a time, forever."""
     port = ch.open_port(port_path)
@@ -114,6 +126,6 @@ async def serve_debug_console(
                 await run_session(reaper, port, first, argv)
             except OSError as exc:
                 log.warning("debug console: session failed: %s", exc)
-                await trio.sleep(1)
+                await asyncio.sleep(1)
     finally:
         os.close(port)

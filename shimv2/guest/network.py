@@ -17,13 +17,14 @@ gateway first, tolerating "File exists".
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 import re
+import subprocess
 from collections.abc import Awaitable, Callable, Sequence
 from typing import NamedTuple
 
-import trio
 from google.protobuf.empty_pb2 import Empty
 
 from shimv2.errdefs import InvalidArgument, NotFound, Unavailable
@@ -61,15 +62,27 @@ class CommandFailed(Exception):
         self.stderr = stderr
 
 
-# Runs argv to completion within a timeout: (exit code, stdout, stderr).
+# Runs argv to completion within a timeout: (exit code, stdout, stderr); TimeoutError
+# when it outlives the timeout.
 CommandRunner = Callable[[Sequence[str], float], Awaitable[tuple[int, bytes, bytes]]]
 
 
-async def run_with_trio(argv: Sequence[str], timeout: float) -> tuple[int, bytes, bytes]:
-    """The default runner (tests, host). In the agent, the child reaper's runner is used:
-    its ``waitpid(-1)`` would take trio's children from under ``trio.run_process``."""
-    with trio.fail_after(timeout):
-        proc = await trio.run_process(argv, capture_stdout=True, capture_stderr=True, check=False)
+async def run_in_thread(argv: Sequence[str], timeout: float) -> tuple[int, bytes, bytes]:
+    """The default runner (tests, host): ``subprocess.run`` in a worker thread, which kills
+    the command at the timeout. In the agent, the child reaper's runner is used: its
+    ``waitpid(-1)`` would take the child from under ``subprocess.run`` (and asyncio's own
+    subprocesses, whose child watcher would race it, are never used)."""
+    try:
+        proc = await asyncio.to_thread(
+            subprocess.run,
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise TimeoutError(f"{argv[0]} did not finish within {timeout}s") from exc
     return proc.returncode, proc.stdout, proc.stderr
 
 
@@ -87,7 +100,7 @@ class IpCommand:
         ip: Sequence[str] = ("ip",),
         arp: Sequence[str] = ("arp",),
         timeout: float = COMMAND_TIMEOUT,
-        runner: CommandRunner = run_with_trio,
+        runner: CommandRunner = run_in_thread,
     ) -> None:
         self._prefix = tuple(prefix)
         self._ip = tuple(ip)
@@ -104,7 +117,7 @@ class IpCommand:
     async def _run(self, argv: tuple[str, ...]) -> str:
         try:
             code, out, err = await self._runner(argv, self._timeout)
-        except trio.TooSlowError as exc:
+        except TimeoutError as exc:
             raise Unavailable(f"{' '.join(argv)}: timed out") from exc
         except OSError as exc:
             raise Unavailable(f"{' '.join(argv)}: {exc}") from exc
@@ -212,7 +225,7 @@ class NetworkService:
     def __init__(self, ip: IpCommand | None = None, *, link_wait: float = LINK_WAIT) -> None:
         self._cmd = ip or IpCommand()
         self._link_wait = link_wait
-        self._lock = trio.Lock()
+        self._lock = asyncio.Lock()
 
     # -- queries -------------------------------------------------------------
 
@@ -300,15 +313,16 @@ class NetworkService:
         hot-plugged just after the restore and show up a few hundred ms later: a link
         asked for by MAC is waited for. One asked for by name is not: a hot-plugged
         NIC's name is the kernel's choice, unknown to the host."""
-        deadline = trio.current_time() + self._link_wait
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._link_wait
         while True:
             links = await self._links()
             try:
                 return links, _find_link(links, iface)
             except NotFound:
-                if not iface.hwAddr or trio.current_time() >= deadline:
+                if not iface.hwAddr or loop.time() >= deadline:
                     raise
-            await trio.sleep(LINK_RETRY)
+            await asyncio.sleep(LINK_RETRY)
 
     # -- routes ----------------------------------------------------------------
 

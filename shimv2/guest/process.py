@@ -5,7 +5,8 @@ process is reparented to it once the OCI runtime exits, and one ``Reaper``
 collects every child with ``waitpid(-1)``. Because that also collects the
 children the agent spawns itself, every subprocess of the agent must be
 started through ``Reaper.spawn``/``Reaper.run_command`` (never
-``trio.run_process``, whose wait would find the child already reaped).
+``asyncio.create_subprocess_*`` or ``subprocess``, whose wait would find the
+child already reaped).
 
 Exit statuses are kept by pid until claimed: a pid registered with ``watch``
 gets its status when reaped; an unclaimed status (a container process that
@@ -14,6 +15,7 @@ exited before its pid file was read) is kept, boundedly, for a later ``watch``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import errno
@@ -25,8 +27,7 @@ import termios
 from collections import OrderedDict
 from collections.abc import Sequence
 
-import trio
-
+from shimv2.aio import TASK_STATUS_IGNORED, TaskStatus, move_on_after, wait_readable
 from shimv2.errdefs import DeadlineExceeded, FailedPrecondition, Unavailable
 from shimv2.guest.stdio import OutputBuffer, StdinWriter
 
@@ -57,7 +58,7 @@ class Exit:
     def __init__(self, pid: int) -> None:
         self.pid = pid
         self.status: int | None = None
-        self.event = trio.Event()
+        self.event = asyncio.Event()
 
     def set(self, status: int) -> None:
         self.status = status
@@ -80,17 +81,18 @@ class Reaper:
     def running(self) -> bool:
         return self._running
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status: TaskStatus = TASK_STATUS_IGNORED) -> None:
         """Reap children on every SIGCHLD until cancelled. Must run in the main thread."""
-        with trio.open_signal_receiver(signal.SIGCHLD) as signals:
-            self._running = True
-            try:
-                self.reap()
-                task_status.started()
-                async for _ in signals:
-                    self.reap()
-            finally:
-                self._running = False
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        self._running = True
+        try:
+            self.reap()  # whatever exited before the handler was there
+            task_status.started()
+            await loop.create_future()  # forever: the handler does the work
+        finally:
+            self._running = False
+            loop.remove_signal_handler(signal.SIGCHLD)
 
     def reap(self) -> None:
         """Collect every exited child now."""
@@ -133,7 +135,8 @@ class Reaper:
             (os.POSIX_SPAWN_DUP2, stderr, 2),
         ]
         pid = os.posix_spawnp(argv[0], list(argv), dict(os.environ), file_actions=actions)
-        # No checkpoint since the spawn: the reaper cannot have taken it yet.
+        # No await since the spawn: the SIGCHLD handler (a loop callback) cannot have
+        # reaped it yet.
         return self.watch(pid)
 
     async def run_command(
@@ -148,27 +151,27 @@ class Reaper:
         """
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            exit_ = self.spawn(argv, null, out_w, err_w)
-        except BaseException:
+            null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                exit_ = self.spawn(argv, null, out_w, err_w)
+            finally:
+                for fd in (null, out_w, err_w):
+                    os.close(fd)
+            out = bytearray()
+            err = bytearray()
+            async with move_on_after(timeout) as scope, asyncio.TaskGroup() as group:
+                group.create_task(_read_all(out_r, out))
+                group.create_task(_read_all(err_r, err))
+                await exit_.wait()
+        finally:
+            # Here, not in the readers: a task cancelled before it first ran would
+            # not run a ``finally`` of its own. Their waits ended with them.
             for fd in (out_r, err_r):
                 os.close(fd)
-            raise
-        finally:
-            for fd in (null, out_w, err_w):
-                os.close(fd)
-        out = bytearray()
-        err = bytearray()
-        with trio.move_on_after(timeout) as scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_read_all, out_r, out)
-                nursery.start_soon(_read_all, err_r, err)
-                await exit_.wait()
-        if scope.cancelled_caught:
+        if scope.expired():
             _kill(exit_.pid)
-            with trio.CancelScope(shield=True):
-                await exit_.wait()
+            await exit_.wait()  # no longer cancelled: the deadline was ours
             raise DeadlineExceeded(f"{argv[0]} did not finish within {timeout}s")
         assert exit_.status is not None
         return exit_.status, bytes(out), bytes(err)
@@ -176,20 +179,16 @@ class Reaper:
 
 async def _read_all(fd: int, into: bytearray) -> None:
     os.set_blocking(fd, False)
-    try:
-        while True:
-            try:
-                chunk = os.read(fd, 65536)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
-                continue
-            if not chunk:
-                return
-            if len(into) < COMMAND_OUTPUT_LIMIT:
-                into += chunk[: COMMAND_OUTPUT_LIMIT - len(into)]
-    finally:
-        trio.lowlevel.notify_closing(fd)
-        os.close(fd)
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            await wait_readable(fd)
+            continue
+        if not chunk:
+            return
+        if len(into) < COMMAND_OUTPUT_LIMIT:
+            into += chunk[: COMMAND_OUTPUT_LIMIT - len(into)]
 
 
 def _kill(pid: int, sig: int = signal.SIGKILL) -> None:
@@ -217,21 +216,14 @@ class Process:
         self.stderr = stderr
         # Our own dup of the pty master, for window resizes.
         self._tty_fd = tty_fd
-        self._pumps = trio.CancelScope()
         # Set once a WaitProcess returned its status.
         self.waited = False
 
-    def start_pumps(self, nursery: trio.Nursery, stdout_fd: int, stderr_fd: int | None) -> None:
-        """Fill the output buffers from these fds (owned) in ``nursery``, until ``close``."""
-
-        async def pumps() -> None:
-            with self._pumps:
-                async with trio.open_nursery() as inner:
-                    inner.start_soon(self.stdout.pump, stdout_fd)
-                    if stderr_fd is not None:
-                        inner.start_soon(self.stderr.pump, stderr_fd)
-
-        nursery.start_soon(pumps)
+    def start_pumps(self, group: asyncio.TaskGroup, stdout_fd: int, stderr_fd: int | None) -> None:
+        """Fill the output buffers from these fds (owned) in tasks of ``group``, until ``close``."""
+        group.create_task(self.stdout.pump(stdout_fd))
+        if stderr_fd is not None:
+            group.create_task(self.stderr.pump(stderr_fd))
 
     @property
     def pid(self) -> int:
@@ -285,11 +277,13 @@ class Process:
             raise
 
     def close(self) -> None:
-        """Drop every fd we hold for this process; readers see EOF."""
+        """Drop every fd we hold for this process; readers see EOF.
+
+        The pumps' fds are closed as the pumps end, once they run next.
+        """
         if self.stdin is not None:
             self.stdin.close_now()
-        self._pumps.cancel()
-        self.stdout.close()
+        self.stdout.close()  # ends its pump
         self.stderr.close()
         if self._tty_fd is not None:
             os.close(self._tty_fd)

@@ -19,8 +19,7 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
-import trio
-
+from shimv2.aio import move_on_after
 from shimv2.errdefs import DeadlineExceeded, FailedPrecondition, Internal
 from shimv2.guest.process import Exit, Reaper
 
@@ -190,13 +189,12 @@ class Runtime:
 
 
 async def _wait_bounded(exit_: Exit, timeout: float) -> int:
-    with trio.move_on_after(timeout) as scope:
+    async with move_on_after(timeout) as scope:
         return await exit_.wait()
-    assert scope.cancelled_caught
+    assert scope.expired()
     with contextlib.suppress(ProcessLookupError):
         os.kill(exit_.pid, signal.SIGKILL)
-    with trio.CancelScope(shield=True):
-        await exit_.wait()
+    await exit_.wait()  # no longer cancelled: the deadline was ours
     raise DeadlineExceeded(f"OCI runtime did not finish within {timeout}s")
 
 

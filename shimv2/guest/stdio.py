@@ -8,19 +8,28 @@ closes only after every queued write went out.
 
 Error handling: a read error other than EAGAIN ends the stream (EIO is how a
 pty master reports that the last slave closed); ``StdinWriter.write`` raises
-``FailedPrecondition`` once stdin is closed or the reader went away (EPIPE).
+``FailedPrecondition`` once stdin is closed or the reader went away (EPIPE), and
+``ClosedResourceError`` when ``close_now`` drops stdin under a blocked write.
 """
 
 from __future__ import annotations
 
 import array
+import asyncio
 import contextlib
 import errno
 import os
 import socket
+from collections.abc import Awaitable, Callable
 
-import trio
-
+from shimv2.aio import (
+    Broadcast,
+    ClosedResourceError,
+    FdWait,
+    move_on_after,
+    wait_readable,
+    wait_writable,
+)
 from shimv2.errdefs import DeadlineExceeded, FailedPrecondition
 
 BUFFER_LIMIT = 1 << 20
@@ -32,9 +41,10 @@ class OutputBuffer:
         self._limit = limit
         self._data = bytearray()
         self._eof = False
-        self._changed = trio.lowlevel.ParkingLot()
+        self._changed = Broadcast()
+        self._pump_wait = FdWait()  # ``close`` ends the pump's wait for its fd
         # Set once the fd reached EOF (or the buffer was closed): all output is buffered.
-        self.eof_seen = trio.Event()
+        self.eof_seen = asyncio.Event()
 
     @classmethod
     def closed(cls) -> OutputBuffer:
@@ -51,57 +61,65 @@ class OutputBuffer:
         return self._eof and not self._data
 
     def close(self) -> None:
-        """End the stream now (removal): pending and later reads see EOF."""
+        """End the stream now (removal): pending and later reads see EOF.
+
+        The pump, wherever it waits, wakes and ends, closing its fd: it never
+        depends on the pump's task being cancelled (an asyncio task cancelled
+        before it first ran would not run its ``finally``).
+        """
         self._eof = True
         self._data.clear()
         self.eof_seen.set()
-        self._changed.unpark_all()
+        self._changed.notify_all()
+        self._pump_wait.closing()
 
     async def pump(self, fd: int) -> None:
-        """Read ``fd`` (owned: closed at the end) until EOF, respecting the limit."""
+        """Read ``fd`` (owned: closed at the end) until EOF or ``close``, respecting the limit."""
         try:
             os.set_blocking(fd, False)
             while not self._eof:
                 room = self._limit - len(self._data)
                 if room <= 0:
-                    await self._changed.park()
+                    await self._changed.wait()
                     continue
                 try:
                     chunk = os.read(fd, min(room, READ_CHUNK))
                 except BlockingIOError:
-                    await trio.lowlevel.wait_readable(fd)
+                    with contextlib.suppress(ClosedResourceError):  # close(): _eof is set
+                        await self._pump_wait.readable(fd)
                     continue
                 except OSError:  # EIO: pty slave closed; anything else ends it too
                     chunk = b""
                 if not chunk:
                     break
                 self._data += chunk
-                self._changed.unpark_all()
+                self._changed.notify_all()
         finally:
             self._eof = True
             self.eof_seen.set()
-            self._changed.unpark_all()
-            trio.lowlevel.notify_closing(fd)
-            os.close(fd)
+            self._changed.notify_all()
+            os.close(fd)  # no wait on it is left: ours ended in its own ``finally``
 
     async def read(self, n: int) -> bytes:
         """Up to ``n`` bytes; blocks until some are there. b"" means EOF."""
         while not self._data and not self._eof:
-            await self._changed.park()
+            await self._changed.wait()
         out = bytes(self._data[:n])
         del self._data[:n]
-        self._changed.unpark_all()  # room for the pump
+        self._changed.notify_all()  # room for the pump
         return out
 
 
-async def write_all(fd: int, data: bytes) -> None:
-    """All of ``data`` to the nonblocking ``fd``, waiting while it is full."""
+async def write_all(
+    fd: int, data: bytes, *, writable: Callable[[int], Awaitable[None]] = wait_writable
+) -> None:
+    """All of ``data`` to the nonblocking ``fd``, waiting while it is full (with ``writable``)."""
     view = memoryview(data)
     while view:
         try:
             view = view[os.write(fd, view) :]
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(fd)
+            await writable(fd)
 
 
 class StdinWriter:
@@ -110,7 +128,8 @@ class StdinWriter:
         os.set_blocking(fd, False)
         self._fd: int | None = fd
         self._eof_on_close = eof_on_close
-        self._lock = trio.Lock()  # fair: writes go out in arrival order
+        self._lock = asyncio.Lock()  # fair: writes go out in arrival order
+        self._wait = FdWait()  # ``close_now`` ends a blocked write's wait
 
     @property
     def closed(self) -> bool:
@@ -125,7 +144,7 @@ class StdinWriter:
 
     async def _write_all(self, fd: int, data: bytes) -> None:
         try:
-            await write_all(fd, data)
+            await write_all(fd, data, writable=self._wait.writable)
         except OSError as exc:
             if exc.errno in (errno.EPIPE, errno.EIO):
                 raise FailedPrecondition("the process closed its stdin") from exc
@@ -137,30 +156,43 @@ class StdinWriter:
             fd, self._fd = self._fd, None
             if fd is None:
                 return
-            if self._eof_on_close:
-                with contextlib.suppress(FailedPrecondition):
-                    await self._write_all(fd, self._eof_on_close)
-                # A terminal's master is shared with stdout: it is not ours to close.
-                return
-            trio.lowlevel.notify_closing(fd)
-            os.close(fd)
+            try:
+                if self._eof_on_close:
+                    with contextlib.suppress(FailedPrecondition):
+                        await self._write_all(fd, self._eof_on_close)
+            finally:
+                # Ours alone (a terminal's is a dup of the master, which stdout reads).
+                os.close(fd)
 
     def close_now(self) -> None:
-        """Drop stdin without waiting for queued writes (removal)."""
+        """Drop stdin without waiting for queued writes (removal).
+
+        A write blocked on the fd wakes with ``ClosedResourceError``.
+        """
         fd, self._fd = self._fd, None
         if fd is not None:
-            trio.lowlevel.notify_closing(fd)
+            self._wait.closing()
             os.close(fd)
 
 
-async def receive_fd(listener: trio.socket.SocketType, timeout: float = 10.0) -> int:
-    """The one fd the runtime sends over its console socket (SCM_RIGHTS)."""
-    with trio.move_on_after(timeout):
-        conn, _ = await listener.accept()
+async def receive_fd(listener: socket.socket, timeout: float = 10.0) -> int:
+    """The one fd the runtime sends over its console socket (SCM_RIGHTS).
+
+    ``listener`` is a listening, nonblocking unix socket.
+    """
+    async with move_on_after(timeout):
+        conn, _ = await asyncio.get_running_loop().sock_accept(listener)  # conn: nonblocking
         with conn:
-            _, ancdata, _, _ = await conn.recvmsg(
-                4096, socket.CMSG_SPACE(4 * array.array("i").itemsize), socket.MSG_CMSG_CLOEXEC
-            )
+            while True:
+                try:
+                    _, ancdata, _, _ = conn.recvmsg(
+                        4096,
+                        socket.CMSG_SPACE(4 * array.array("i").itemsize),
+                        socket.MSG_CMSG_CLOEXEC,
+                    )
+                    break
+                except BlockingIOError:
+                    await wait_readable(conn)
         return _first_fd(ancdata)
     raise DeadlineExceeded(f"no terminal fd from the runtime within {timeout}s")
 

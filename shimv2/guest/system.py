@@ -9,6 +9,7 @@ sandbox.rs): one sandbox per VM, storages mounted before containers use them.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import fcntl
@@ -21,9 +22,9 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-import trio
 from google.protobuf.empty_pb2 import Empty
 
+from shimv2.aio import move_on_after
 from shimv2.errdefs import AlreadyExists, FailedPrecondition, Internal, InvalidArgument
 from shimv2.pb.kata import agent_pb2
 from shimv2.ttrpc import CallContext
@@ -320,7 +321,7 @@ class SandboxService:
         self._resolv_conf = resolv_conf
         self._sys = sys_root
         self._mount_wait = mount_wait
-        self._lock = trio.Lock()
+        self._lock = asyncio.Lock()
         self.sandbox_id: str | None = None
         self.mounted: list[str] = []
 
@@ -357,7 +358,8 @@ class SandboxService:
     async def _mount(self, storage: agent_pb2.Storage) -> bool:
         fstype = storage.fstype or "virtiofs"
         args = (self._guest, fstype, storage.source, storage.mount_point, storage.options)
-        deadline = trio.current_time() + self._mount_wait
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._mount_wait
         while True:
             try:
                 return mount_storage(*args)
@@ -366,9 +368,9 @@ class SandboxService:
                 # after the restore: its tag shows up a few hundred ms later.
                 if fstype != "virtiofs" or exc.errno not in _MOUNT_NOT_YET:
                     raise
-                if trio.current_time() >= deadline:
+                if loop.time() >= deadline:
                     raise
-            await trio.sleep(MOUNT_RETRY)
+            await asyncio.sleep(MOUNT_RETRY)
 
     async def DestroySandbox(self, ctx: CallContext, req: agent_pb2.DestroySandboxRequest) -> Empty:
         async with self._lock:
@@ -419,9 +421,9 @@ class SandboxService:
         mems = 0 if req.cpu_only else self._online_all(mem_root, "memory", None)
         # A DIMM's blocks appear one by one: once some have, until a poll finds no more.
         found = mems
-        with trio.move_on_after(ONLINE_WAIT if req.wait else 0):
+        async with move_on_after(ONLINE_WAIT if req.wait else 0):
             while cpus < req.nb_cpus or (not req.cpu_only and (mems == 0 or found)):
-                await trio.sleep(0.05)
+                await asyncio.sleep(0.05)
                 cpus += self._online_all(cpu_root, "cpu", (req.nb_cpus - cpus) or None)
                 if not req.cpu_only:
                     found = self._online_all(mem_root, "memory", None)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pty
 import socket
 import subprocess
 import sys
+import threading
 import tty
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import trio
-import trio.testing
 from google.protobuf.empty_pb2 import Empty
 from google.protobuf.message import DecodeError, Message
 from google.protobuf.message_factory import GetMessageClass
@@ -30,8 +31,9 @@ from shimv2.guest.system import AGENT_VERSION
 from shimv2.guest.testing import FakeGuestOS, FakeIpCommand, fake_sysfs
 from shimv2.guest_protocol import FORWARD_VSOCK_PORT
 from shimv2.pb.kata import agent_pb2, health_pb2, types_pb2
-from shimv2.ttrpc import CallContext, Client, FdTransport, SocketTransport
+from shimv2.ttrpc import CallContext, Client, FdTransport, SocketTransport, aio
 from shimv2.ttrpc._codec import NEED_DATA, Connection, ResponseReceived, Role
+from tests.aio import asyncio_in_thread, asyncio_test, run_autojump
 from tests.strategies import messages
 
 AGENT = "grpc.AgentService"
@@ -44,17 +46,19 @@ def make_agent(**kw: object) -> Agent:
 
 @asynccontextmanager
 async def connected(agent: Agent) -> AsyncIterator[tuple[Client, socket.socket]]:
-    """A client on one end of a socketpair, the agent serving the other; also the raw socket."""
+    """A client on one end of a socketpair, the agent serving the other; also the raw socket.
+
+    The agent runs on asyncio in a thread, the client on trio, as the host's shim does."""
     ours, theirs = socket.socketpair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(agent.server.serve_transport, SocketTransport(theirs))
-        client = Client(SocketTransport(ours))
-        nursery.start_soon(client.receive_loop)
-        try:
-            yield client, ours
-        finally:
-            nursery.cancel_scope.cancel()
-            await client.aclose()
+    with asyncio_in_thread(lambda: agent.server.serve_transport(aio.SocketTransport(theirs))):
+        async with trio.open_nursery() as nursery:
+            client = Client(SocketTransport(ours))
+            nursery.start_soon(client.receive_loop)
+            try:
+                yield client, ours
+            finally:
+                nursery.cancel_scope.cancel()
+                await client.aclose()
 
 
 async def test_health_and_version() -> None:
@@ -110,8 +114,7 @@ async def _raw_call(sock: socket.socket, codec: Connection, frame: bytes) -> Res
 async def test_bad_input_gets_a_clean_error_and_the_agent_keeps_serving() -> None:
     agent = make_agent()
     ours, theirs = socket.socketpair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(agent.server.serve_transport, SocketTransport(theirs))
+    with asyncio_in_thread(lambda: agent.server.serve_transport(aio.SocketTransport(theirs))):
         codec = Connection(Role.CLIENT)
         # An undecodable payload: INVALID_ARGUMENT for that call only.
         _, frame = codec.send_request(AGENT, "CreateSandbox", b"\xff\xff\xff")
@@ -127,14 +130,12 @@ async def test_bad_input_gets_a_clean_error_and_the_agent_keeps_serving() -> Non
                 HEALTH, "Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse
             )
             assert check.status == health_pb2.HealthCheckResponse.SERVING
-        nursery.cancel_scope.cancel()
 
 
 async def test_undecodable_then_valid_on_one_connection() -> None:
     agent = make_agent()
     ours, theirs = socket.socketpair()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(agent.server.serve_transport, SocketTransport(theirs))
+    with asyncio_in_thread(lambda: agent.server.serve_transport(aio.SocketTransport(theirs))):
         codec = Connection(Role.CLIENT)
         _, frame = codec.send_request(HEALTH, "Check", b"\x0a\xff")  # truncated string field
         assert (await _raw_call(ours, codec, frame)).response.status.code == Code.INVALID_ARGUMENT
@@ -144,19 +145,16 @@ async def test_undecodable_then_valid_on_one_connection() -> None:
         check = health_pb2.HealthCheckResponse.FromString(resp.response.payload)
         assert check.status == health_pb2.HealthCheckResponse.SERVING
         ours.close()
-        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("channel", ["serial", "serial+vsock"])
-async def test_serve_channel_on_a_serial_port(
-    tmp_path: Path, nursery: trio.Nursery, channel: str
-) -> None:
+async def test_serve_channel_on_a_serial_port(tmp_path: Path, channel: str) -> None:
     # The agent opens the pty's slave as its port; the master plays the host.
     # serial+vsock (a template's) also listens on vsock, for its clones.
     master, slave = pty.openpty()
     tty.setraw(slave)
     ready: list[str] = []
-    is_ready = trio.Event()
+    is_ready = threading.Event()  # set in the agent's thread
 
     def on_ready(where: str) -> None:
         ready.append(where)
@@ -164,11 +162,15 @@ async def test_serve_channel_on_a_serial_port(
 
     agent = make_agent()
     opts = Options(channel=channel, port=os.ttyname(slave), vsock_port=free_vsock_port())
-    nursery.start_soon(
+    with asyncio_in_thread(
         lambda: agent_mod.serve_channel(agent.server, opts, on_ready=on_ready, dev=tmp_path)
-    )
-    with trio.fail_after(5):
-        await is_ready.wait()
+    ):
+        assert await trio.to_thread.run_sync(is_ready.wait, 5)
+        await _serves_health_on(channel, opts, ready, master)
+    os.close(slave)
+
+
+async def _serves_health_on(channel: str, opts: Options, ready: list[str], master: int) -> None:
     if channel == "serial":
         assert ready == [f"serial:{opts.port}"]
     else:
@@ -188,8 +190,6 @@ async def test_serve_channel_on_a_serial_port(
         assert check.status == health_pb2.HealthCheckResponse.SERVING
         inner.cancel_scope.cancel()
     await client.aclose()
-    os.close(slave)
-    nursery.cancel_scope.cancel()
 
 
 def free_vsock_port() -> int:
@@ -199,12 +199,18 @@ def free_vsock_port() -> int:
         return int(probe.getsockname()[1])
 
 
+@asyncio_test
 async def test_serve_channel_without_any_channel_fails(tmp_path: Path) -> None:
     opts = Options(channel="auto", port_wait=0.2)
-    with pytest.raises(ch.ChannelError), trio.fail_after(20):
-        await agent_mod.serve_channel(
-            make_agent().server, opts, on_ready=lambda _: None, dev=tmp_path, sys_ports=tmp_path
-        )
+    with pytest.raises(ch.ChannelError):
+        async with asyncio.timeout(20):
+            await agent_mod.serve_channel(
+                make_agent().server,
+                opts,
+                on_ready=lambda _: None,
+                dev=tmp_path,
+                sys_ports=tmp_path,
+            )
     with pytest.raises(ch.ChannelError):
         await agent_mod.serve_channel(
             make_agent().server,
@@ -366,7 +372,6 @@ async def _agent_calls(calls: list[tuple[str, str, Message, type[Message]]]) -> 
 def test_fuzz_agent_handlers_give_a_reply_or_a_coded_error(
     calls: list[tuple[str, str, Message, type[Message]]],
 ) -> None:
-    # A mock clock: the waits for hot-plugged links, mounts and CPUs pass at once.
-    clock = trio.testing.MockClock(autojump_threshold=0)
-    for outcome in trio.run(_agent_calls, calls, clock=clock):
+    # A jumping clock: the waits for hot-plugged links, mounts and CPUs pass at once.
+    for outcome in run_autojump(_agent_calls(calls)):
         event(outcome)

@@ -1,23 +1,24 @@
 """NetworkService against a real network namespace on the host, with busybox's ``ip``
 (what the guest has) and with iproute2's; its waits for hot-plugged NICs against
-FakeIpCommand, on trio's mock clock."""
+FakeIpCommand, on a clock that jumps over every wait (``run_autojump``)."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
-import trio
 
-from shimv2.errdefs import InvalidArgument, NotFound
+from shimv2.errdefs import InvalidArgument, NotFound, Unavailable
 from shimv2.guest import network
 from shimv2.guest.network import IpCommand, NetworkService, parse_links, parse_routes
 from shimv2.guest.testing import FakeIpCommand
 from shimv2.pb.kata import agent_pb2, types_pb2
 from shimv2.ttrpc import CallContext
+from tests.aio import asyncio_test, run_autojump
 
 CTX = CallContext("grpc.AgentService", "test", {})
 MAC = "02:00:00:aa:bb:01"
@@ -66,6 +67,7 @@ def interface(**kw: object) -> types_pb2.Interface:
     return iface
 
 
+@asyncio_test
 async def test_update_interface_by_mac(netns: Netns) -> None:
     svc = NetworkService(netns.ip)
     netns.sh("ip", "addr", "add", "192.168.9.9/24", "dev", "v0")  # replaced, not kept
@@ -83,6 +85,7 @@ async def test_update_interface_by_mac(netns: Netns) -> None:
     assert {i.name for i in listed.Interfaces} == {"lo", "eth0", "v1"}
 
 
+@asyncio_test
 async def test_update_interface_renames_a_clashing_link(netns: Netns) -> None:
     svc = NetworkService(netns.ip)
     iface = interface(name="v1")
@@ -91,6 +94,7 @@ async def test_update_interface_renames_a_clashing_link(netns: Netns) -> None:
     assert names == {"lo", "v1", "v1_temp"}
 
 
+@asyncio_test
 async def test_update_interface_errors(netns: Netns) -> None:
     svc = NetworkService(netns.ip, link_wait=0)  # a missing MAC: NotFound at once
     with pytest.raises(NotFound):
@@ -103,6 +107,7 @@ async def test_update_interface_errors(netns: Netns) -> None:
         await svc.UpdateInterface(CTX, agent_pb2.UpdateInterfaceRequest(interface=bad))
 
 
+@asyncio_test
 async def test_update_routes_replaces_routes(netns: Netns) -> None:
     svc = NetworkService(netns.ip)
     await svc.UpdateInterface(CTX, agent_pb2.UpdateInterfaceRequest(interface=interface()))
@@ -134,6 +139,7 @@ async def test_update_routes_replaces_routes(netns: Netns) -> None:
     assert {(r.dest, r.gateway, r.device) for r in again.Routes} == got
 
 
+@asyncio_test
 async def test_update_routes_rejects_bad_routes(netns: Netns) -> None:
     svc = NetworkService(netns.ip)
     req = agent_pb2.UpdateRoutesRequest(
@@ -146,6 +152,7 @@ async def test_update_routes_rejects_bad_routes(netns: Netns) -> None:
         await svc.UpdateRoutes(CTX, req)
 
 
+@asyncio_test
 async def test_add_arp_neighbors(netns: Netns) -> None:
     svc = NetworkService(netns.ip)
     await svc.UpdateInterface(CTX, agent_pb2.UpdateInterfaceRequest(interface=interface()))
@@ -167,21 +174,23 @@ async def test_add_arp_neighbors(netns: Netns) -> None:
         await svc.AddARPNeighbors(CTX, req)
 
 
-async def test_update_interface_waits_for_a_hot_plugged_nic(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+def test_update_interface_waits_for_a_hot_plugged_nic() -> None:
     ip = FakeIpCommand()
     svc = NetworkService(ip)
 
     async def plug() -> None:
-        await trio.sleep(0.3)  # runs only if the retries leave the event loop free
+        await asyncio.sleep(0.3)  # runs only if the retries leave the event loop free
         ip.add_link("eth1", MAC)
 
-    start = trio.current_time()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(plug)
-        await svc.UpdateInterface(CTX, agent_pb2.UpdateInterfaceRequest(interface=interface()))
-    assert 0.3 <= trio.current_time() - start < 0.4
+    async def update() -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(plug())
+            await svc.UpdateInterface(CTX, agent_pb2.UpdateInterfaceRequest(interface=interface()))
+        return loop.time() - start
+
+    assert 0.3 <= run_autojump(update()) < 0.4
     assert ip.link_listings > 2
     assert ("-4", "addr", "add", "10.88.0.5/16", "dev", "eth1") in ip.commands
     assert ("link", "set", "eth1", "mtu", "1400", "name", "eth0", "arp", "on") in ip.commands
@@ -189,36 +198,45 @@ async def test_update_interface_waits_for_a_hot_plugged_nic(
 
 
 @pytest.mark.parametrize("wait", [None, 0.5])
-async def test_update_interface_gives_up_on_a_mac_after_the_deadline(
-    wait: float | None, autojump_clock: trio.abc.Clock
-) -> None:
+def test_update_interface_gives_up_on_a_mac_after_the_deadline(wait: float | None) -> None:
     ip = FakeIpCommand()
     ip.add_link("eth1", "02:00:00:aa:bb:02")
     svc = NetworkService(ip) if wait is None else NetworkService(ip, link_wait=wait)
-    start = trio.current_time()
-    with pytest.raises(NotFound, match=f"no link with MAC {MAC.upper()}"):
-        await svc.UpdateInterface(CTX, agent_pb2.UpdateInterfaceRequest(interface=interface()))
-    waited = trio.current_time() - start
+
+    async def update() -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(NotFound, match=f"no link with MAC {MAC.upper()}"):
+            await svc.UpdateInterface(CTX, agent_pb2.UpdateInterfaceRequest(interface=interface()))
+        return loop.time() - start
+
+    waited = run_autojump(update())
     deadline = network.LINK_WAIT if wait is None else wait
     assert deadline <= waited < deadline + 0.1
     assert ip.commands == []  # the other link left alone
 
 
-async def test_update_interface_by_name_is_not_waited_for(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+def test_update_interface_by_name_is_not_waited_for() -> None:
     ip = FakeIpCommand()
     ip.add_link("eth1", MAC)
     svc = NetworkService(ip)
-    start = trio.current_time()
-    with pytest.raises(NotFound, match="no link named 'eth9'"):
-        await svc.UpdateInterface(
-            CTX, agent_pb2.UpdateInterfaceRequest(interface=interface(name="eth9", hwAddr=""))
-        )
-    assert trio.current_time() == start
+
+    async def update() -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(NotFound, match="no link named 'eth9'"):
+            await svc.UpdateInterface(
+                CTX, agent_pb2.UpdateInterfaceRequest(interface=interface(name="eth9", hwAddr=""))
+            )
+        return loop.time() - start
+
+    # No retry's sleep: that would have jumped the clock by LINK_RETRY (the clock's real
+    # time goes on too, by microseconds).
+    assert run_autojump(update()) < network.LINK_RETRY
     assert ip.link_listings == 1
 
 
+@asyncio_test
 async def test_an_argument_with_a_nul_byte_is_invalid_argument() -> None:
     # Found by fuzzing: exec refuses a NUL byte with ValueError, which went out as UNKNOWN.
     ip = FakeIpCommand()
@@ -232,6 +250,21 @@ async def test_an_argument_with_a_nul_byte_is_invalid_argument() -> None:
             CTX, agent_pb2.UpdateInterfaceRequest(interface=interface(name="x\x00y"))
         )
     assert not any("\x00" in arg for command in ip.commands for arg in command)
+
+
+@asyncio_test
+async def test_the_default_runner_bounds_commands_and_reports_failures() -> None:
+    # subprocess.run in a worker thread: never asyncio's subprocesses (the agent's reaper).
+    assert await IpCommand(ip=("echo",)).ip("-o", "link") == "-o link\n"
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    with pytest.raises(Unavailable, match="sleep 5: timed out"):
+        await IpCommand(ip=("sleep",), timeout=0.2).ip("5")
+    assert loop.time() - start < 2  # killed at the timeout
+    with pytest.raises(Unavailable, match="/nonexistent/ip link"):
+        await IpCommand(ip=("/nonexistent/ip",)).ip("link")
+    with pytest.raises(InvalidArgument, match="null byte"):
+        await IpCommand(ip=("echo",)).ip("x\x00y")
 
 
 def test_parse_busybox_and_iproute2_routes() -> None:

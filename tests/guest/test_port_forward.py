@@ -1,10 +1,14 @@
-"""Port-forward's guest end, over a unix socket instead of vsock, dialling real TCP servers."""
+"""Port-forward's guest end, over a unix socket instead of vsock, dialling real TCP servers.
+
+The guest's end runs on asyncio in a thread of its own; the host's dials and the TCP
+servers in the "VM" are trio's, in the test.
+"""
 
 from __future__ import annotations
 
 import functools
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ import trio
 
 from shimv2.guest.port_forward import serve_port_forward
 from shimv2.guest_protocol import FORWARD_OK, parse_forward_port
+from tests.aio import asyncio_in_thread
 
 
 async def echo_server(nursery: trio.Nursery) -> int:
@@ -33,13 +38,13 @@ def free_port() -> int:
 
 
 @pytest.fixture
-async def guest(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Path]:
+def guest(tmp_path: Path) -> Iterator[Path]:
     path = tmp_path / "forward.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(str(path))
     listener.listen(8)
-    await nursery.start(serve_port_forward, listener)
-    yield path
+    with asyncio_in_thread(lambda: serve_port_forward(listener)):
+        yield path
     listener.close()
 
 

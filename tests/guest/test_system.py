@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import struct
 
 import pytest
-import trio
 
 from shimv2.errdefs import AlreadyExists, FailedPrecondition, Internal, InvalidArgument
 from shimv2.guest import system
@@ -15,6 +15,7 @@ from shimv2.guest.system import GuestOS, SandboxService, guest_setup
 from shimv2.guest.testing import FakeGuestOS, fake_sysfs
 from shimv2.pb.kata import agent_pb2
 from shimv2.ttrpc import CallContext
+from tests.aio import asyncio_test, run_autojump
 
 CTX = CallContext("grpc.AgentService", "test", {})
 
@@ -38,6 +39,7 @@ def sandbox_request(**kw: object) -> agent_pb2.CreateSandboxRequest:
     return req
 
 
+@asyncio_test
 async def test_create_sandbox_sets_up_the_guest() -> None:
     guest = FakeGuestOS()
     svc = SandboxService(guest)
@@ -52,6 +54,7 @@ async def test_create_sandbox_sets_up_the_guest() -> None:
     assert svc.sandbox_id == "sb1"
 
 
+@asyncio_test
 async def test_create_sandbox_twice_is_already_exists() -> None:
     svc = SandboxService(FakeGuestOS())
     await svc.CreateSandbox(CTX, sandbox_request())
@@ -59,6 +62,7 @@ async def test_create_sandbox_twice_is_already_exists() -> None:
         await svc.CreateSandbox(CTX, sandbox_request(sandbox_id="sb2"))
 
 
+@asyncio_test
 async def test_create_sandbox_skips_a_storage_already_mounted() -> None:
     guest = FakeGuestOS()
     guest.mounts["/run/kata-containers/shared/containers"] = ("kataShared", "virtiofs", "")
@@ -67,6 +71,7 @@ async def test_create_sandbox_skips_a_storage_already_mounted() -> None:
     assert svc.mounted == []  # not ours to unmount at DestroySandbox
 
 
+@asyncio_test
 async def test_create_sandbox_rejects_bad_requests() -> None:
     svc = SandboxService(FakeGuestOS())
     with pytest.raises(InvalidArgument):
@@ -78,6 +83,7 @@ async def test_create_sandbox_rejects_bad_requests() -> None:
     assert svc.sandbox_id is None
 
 
+@asyncio_test
 async def test_create_sandbox_os_failure_is_internal_and_retryable() -> None:
     guest = FakeGuestOS()
     guest.fail["mount"] = OSError(errno.ENODEV, "no such device")
@@ -91,22 +97,24 @@ async def test_create_sandbox_os_failure_is_internal_and_retryable() -> None:
 
 
 @pytest.mark.parametrize("err", [errno.EINVAL, errno.ENOENT])
-async def test_create_sandbox_waits_for_a_hot_plugged_virtio_fs_device(
-    err: int, autojump_clock: trio.abc.Clock
-) -> None:
+def test_create_sandbox_waits_for_a_hot_plugged_virtio_fs_device(err: int) -> None:
     guest = FakeGuestOS()
     guest.fail["mount"] = OSError(err, "virtio-fs: tag kataShared not found")
     svc = SandboxService(guest)
 
     async def plug() -> None:
-        await trio.sleep(0.3)  # runs only if the mount's retries leave the event loop free
+        await asyncio.sleep(0.3)  # runs only if the mount's retries leave the event loop free
         del guest.fail["mount"]
 
-    start = trio.current_time()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(plug)
-        await svc.CreateSandbox(CTX, sandbox_request())
-    assert 0.3 <= trio.current_time() - start < 0.4
+    async def create() -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        async with asyncio.TaskGroup() as group:
+            group.create_task(plug())
+            await svc.CreateSandbox(CTX, sandbox_request())
+        return loop.time() - start
+
+    assert 0.3 <= run_autojump(create()) < 0.4
     assert guest.mounts == {
         "/run/kata-containers/shared/containers": ("kataShared", "virtiofs", "")
     }
@@ -116,37 +124,48 @@ async def test_create_sandbox_waits_for_a_hot_plugged_virtio_fs_device(
 
 
 @pytest.mark.parametrize("wait", [None, 0.5])
-async def test_create_sandbox_gives_up_on_a_virtio_fs_tag_after_the_deadline(
-    wait: float | None, autojump_clock: trio.abc.Clock
+def test_create_sandbox_gives_up_on_a_virtio_fs_tag_after_the_deadline(
+    wait: float | None,
 ) -> None:
     guest = FakeGuestOS()
     guest.fail["mount"] = OSError(errno.EINVAL, "virtio-fs: tag kataShared not found")
     svc = SandboxService(guest) if wait is None else SandboxService(guest, mount_wait=wait)
-    start = trio.current_time()
-    with pytest.raises(Internal, match="tag kataShared not found"):
-        await svc.CreateSandbox(CTX, sandbox_request())
-    waited = trio.current_time() - start
+
+    async def create() -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(Internal, match="tag kataShared not found"):
+            await svc.CreateSandbox(CTX, sandbox_request())
+        return loop.time() - start
+
+    waited = run_autojump(create())
     deadline = system.MOUNT_WAIT if wait is None else wait
     assert deadline <= waited < deadline + 0.1
     assert svc.sandbox_id is None
     assert svc.mounted == []
 
 
-async def test_create_sandbox_retries_only_virtio_fs_mounts(
-    autojump_clock: trio.abc.Clock,
-) -> None:
+def test_create_sandbox_retries_only_virtio_fs_mounts() -> None:
     guest = FakeGuestOS()
     guest.fail["mount"] = OSError(errno.EINVAL, "bad option")
     svc = SandboxService(guest)
     req = sandbox_request()
     req.storages[0].fstype = "9p"
-    start = trio.current_time()
-    with pytest.raises(Internal):
-        await svc.CreateSandbox(CTX, req)
-    assert trio.current_time() == start
+
+    async def create() -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        with pytest.raises(Internal):
+            await svc.CreateSandbox(CTX, req)
+        return loop.time() - start
+
+    # No retry's sleep: that would have jumped the clock by MOUNT_RETRY (the clock's real
+    # time goes on too, by microseconds).
+    assert run_autojump(create()) < system.MOUNT_RETRY
     assert guest.calls["mount"] == 1
 
 
+@asyncio_test
 async def test_create_sandbox_loads_kernel_modules() -> None:
     guest = FakeGuestOS({system.MODULES_LIST: "/lib/modules/x/virtio_console.ko\n"})
     svc = SandboxService(guest)
@@ -161,6 +180,7 @@ async def test_create_sandbox_loads_kernel_modules() -> None:
         await svc2.CreateSandbox(CTX, req)
 
 
+@asyncio_test
 async def test_destroy_sandbox_removes_containers_then_unmounts() -> None:
     guest = FakeGuestOS()
     order: list[str] = []
@@ -179,6 +199,7 @@ async def test_destroy_sandbox_removes_containers_then_unmounts() -> None:
     assert svc.sandbox_id is None
 
 
+@asyncio_test
 async def test_guest_details() -> None:
     guest = FakeGuestOS(fake_sysfs())
     svc = SandboxService(guest, init_daemon=True)
@@ -197,6 +218,7 @@ async def test_guest_details() -> None:
     assert resp.mem_block_size_bytes == 0  # not asked for
 
 
+@asyncio_test
 async def test_online_cpu_mem() -> None:
     guest = FakeGuestOS(fake_sysfs(cpus=4, offline_cpus=2, memory_blocks=3))
     svc = SandboxService(guest)
@@ -210,6 +232,7 @@ async def test_online_cpu_mem() -> None:
     assert [guest.files[f"{mem}/memory{i}/online"].strip() for i in (0, 1, 2)] == ["1"] * 3
 
 
+@asyncio_test
 async def test_online_mem_waits_for_a_dimms_later_blocks() -> None:
     # A DIMM's memory blocks show up one after another, the first soon after the
     # host plugs it: a block that comes a moment after the first is onlined too.
@@ -218,18 +241,19 @@ async def test_online_mem_waits_for_a_dimms_later_blocks() -> None:
     mem = "/sys/devices/system/memory"
 
     async def plug() -> None:
-        await trio.sleep(0.1)
+        await asyncio.sleep(0.1)
         guest.files[f"{mem}/memory1/online"] = "0\n"
         while guest.files[f"{mem}/memory1/online"].strip() != "1":  # noqa: ASYNC110
-            await trio.sleep(0.005)
+            await asyncio.sleep(0.005)
         guest.files[f"{mem}/memory2/online"] = "0\n"  # once the first is onlined
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(plug)
+    async with asyncio.TaskGroup() as group:
+        group.create_task(plug())
         await svc.OnlineCPUMem(CTX, agent_pb2.OnlineCPUMemRequest(wait=True))
     assert [guest.files[f"{mem}/memory{i}/online"].strip() for i in (1, 2)] == ["1", "1"]
 
 
+@asyncio_test
 async def test_reseed_random_dev_feeds_the_kernel_then_python() -> None:
     guest = FakeGuestOS()
     svc = SandboxService(guest)
@@ -240,6 +264,7 @@ async def test_reseed_random_dev_feeds_the_kernel_then_python() -> None:
 
 
 @pytest.mark.parametrize("size", [0, system.MAX_ENTROPY + 1])
+@asyncio_test
 async def test_reseed_random_dev_rejects_no_data_or_too_much(size: int) -> None:
     guest = FakeGuestOS()
     svc = SandboxService(guest)
@@ -249,6 +274,7 @@ async def test_reseed_random_dev_rejects_no_data_or_too_much(size: int) -> None:
     assert guest.random_reseeds == 0
 
 
+@asyncio_test
 async def test_reseed_random_dev_os_failure_is_internal() -> None:
     guest = FakeGuestOS()
     guest.fail["add_entropy"] = OSError(errno.EPERM, "RNDADDENTROPY on /dev/random: denied")
@@ -271,6 +297,7 @@ def test_rand_pool_info_and_ioctl_numbers() -> None:
     assert ioc(0, 0x07, 0) == system._RNDRESEEDCRNG  # _IO
 
 
+@asyncio_test
 async def test_set_guest_date_time() -> None:
     guest = FakeGuestOS()
     svc = SandboxService(guest)
@@ -280,6 +307,7 @@ async def test_set_guest_date_time() -> None:
 
 
 @pytest.mark.parametrize(("sec", "usec"), [(0, 0), (-1, 0), (1, -1), (1, 1_000_000), (2**62, 0)])
+@asyncio_test
 async def test_set_guest_date_time_rejects_bad_times(sec: int, usec: int) -> None:
     guest = FakeGuestOS()
     svc = SandboxService(guest)
@@ -288,6 +316,7 @@ async def test_set_guest_date_time_rejects_bad_times(sec: int, usec: int) -> Non
     assert guest.realtime is None
 
 
+@asyncio_test
 async def test_set_guest_date_time_os_failure_is_internal() -> None:
     guest = FakeGuestOS()
     guest.fail["set_realtime"] = OSError(errno.EPERM, "Operation not permitted")

@@ -1,8 +1,10 @@
 """Port-forward's host relay: a real network namespace, real iptables, the real guest end.
 
-The "guest" is ``shimv2.guest.port_forward`` on a unix socket in this process, so
-its dials land on servers in the test's own network namespace; the client
-runs inside a fresh pod namespace (``nsenter``), as containerd's dial does.
+The "guest" is ``shimv2.guest.port_forward`` on a unix socket in this process (on
+its own asyncio loop, in a thread: the ``guest`` fixture), so its dials land on
+servers in the test's own network namespace; the relay is the host's, on trio in
+the test; the client runs inside a fresh pod namespace (``nsenter``), as
+containerd's dial does.
 """
 
 from __future__ import annotations
