@@ -38,6 +38,13 @@ def test_agent_startup_loads_no_module_its_first_request_does_not_need() -> None
     )
 
 
+def test_the_agent_starts_without_ssl() -> None:
+    # The guest image leaves out _ssl (scripts/build-guest): asyncio must do without it.
+    modules = imported_by("import sys\nsys.modules['ssl'] = None\n" + STARTUP)
+    assert "asyncio" in modules  # and imported_by saw the startup succeed
+    assert not loaded(modules, "_ssl")
+
+
 def test_the_command_line_still_parses() -> None:
     code = """
 from shimv2.guest.agent import parse_options
