@@ -75,6 +75,7 @@ async def run(rounds: int, tmp: Path) -> tuple[dict[str, list[float]], dict[str,
     boot = {
         "guest init": uptime(guest.console, r"KATA_PY_INIT uptime=([0-9.]+)"),
         "agent imported (its first line)": uptime(guest.console, r"starting at uptime ([0-9.]+)"),
+        "guest setup done": uptime(guest.console, r"guest setup done at uptime ([0-9.]+)"),
         "agent ready": uptime(guest.console, r"KATA_PY_AGENT_READY uptime=([0-9.]+)"),
     }
     times: dict[str, list[float]] = json.loads(result_line(guest, "RESULT "))
