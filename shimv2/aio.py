@@ -32,25 +32,13 @@ def _wake(future: asyncio.Future[None]) -> None:
 
 
 async def wait_readable(handle: Handle) -> None:
-    """Wait until ``handle`` has data (or EOF). One waiter per handle at a time."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(handle, _wake, future)
-    try:
-        await future
-    finally:
-        # Before the caller may close the fd: a closed fd left in epoll is reused.
-        loop.remove_reader(handle)
+    """Wait until ``handle`` has data (or EOF). One waiter per handle at a time; its
+    reader is removed before this returns, so the caller may then close it."""
+    await FdWait().readable(handle)
 
 
 async def wait_writable(handle: Handle) -> None:
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[None] = loop.create_future()
-    loop.add_writer(handle, _wake, future)
-    try:
-        await future
-    finally:
-        loop.remove_writer(handle)
+    await FdWait().writable(handle)
 
 
 async def checkpoint() -> None:

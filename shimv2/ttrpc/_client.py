@@ -185,13 +185,14 @@ class Client:
 
 
 @asynccontextmanager
-async def open_client(stream: trio.abc.Stream) -> AsyncIterator[Client]:
-    """A client whose reader runs until the block ends.
+async def open_client(stream: trio.abc.Stream | Transport) -> AsyncIterator[Client]:
+    """A client on a stream or a transport, whose reader runs until the block ends.
 
     Errors: whatever the block raises comes out as itself, not wrapped in an
     exception group (the reader never raises, so the block's error is alone).
     """
-    client = Client(transport_for(stream))
+    transport = transport_for(stream) if isinstance(stream, trio.abc.Stream) else stream
+    client = Client(transport)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.receive_loop)

@@ -31,7 +31,7 @@ from shimv2.guest.system import AGENT_VERSION
 from shimv2.guest.testing import FakeGuestOS, FakeIpCommand, fake_sysfs
 from shimv2.guest_protocol import FORWARD_VSOCK_PORT
 from shimv2.pb.kata import agent_pb2, health_pb2, types_pb2
-from shimv2.ttrpc import CallContext, Client, FdTransport, SocketTransport, aio
+from shimv2.ttrpc import CallContext, Client, FdTransport, SocketTransport, aio, open_client
 from shimv2.ttrpc._codec import NEED_DATA, Connection, ResponseReceived, Role
 from tests.aio import asyncio_in_thread, asyncio_test, run_autojump
 from tests.strategies import messages
@@ -51,14 +51,8 @@ async def connected(agent: Agent) -> AsyncIterator[tuple[Client, socket.socket]]
     The agent runs on asyncio in a thread, the client on trio, as the host's shim does."""
     ours, theirs = socket.socketpair()
     with asyncio_in_thread(lambda: agent.server.serve_transport(aio.SocketTransport(theirs))):
-        async with trio.open_nursery() as nursery:
-            client = Client(SocketTransport(ours))
-            nursery.start_soon(client.receive_loop)
-            try:
-                yield client, ours
-            finally:
-                nursery.cancel_scope.cancel()
-                await client.aclose()
+        async with open_client(SocketTransport(ours)) as client:
+            yield client, ours
 
 
 async def test_health_and_version() -> None:
@@ -180,16 +174,12 @@ async def _serves_health_on(channel: str, opts: Options, ready: list[str], maste
         for port in (opts.vsock_port, FORWARD_VSOCK_PORT):
             with pytest.raises(ch.ChannelError, match="in use"):  # our listeners hold them
                 ch.open_vsock_listener(port).close()
-    client = Client(FdTransport(master))
-    async with trio.open_nursery() as inner:
-        inner.start_soon(client.receive_loop)
+    async with open_client(FdTransport(master)) as client:
         with trio.fail_after(5):
             check = await client.call(
                 HEALTH, "Check", health_pb2.CheckRequest(), health_pb2.HealthCheckResponse
             )
         assert check.status == health_pb2.HealthCheckResponse.SERVING
-        inner.cancel_scope.cancel()
-    await client.aclose()
 
 
 def free_vsock_port() -> int:

@@ -15,8 +15,8 @@ import os
 import pty
 import socket
 import tty
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import pytest
@@ -25,7 +25,7 @@ from google.protobuf.wrappers_pb2 import BytesValue
 
 from shimv2.errdefs import Unavailable
 from shimv2.guest import channel as ch
-from shimv2.ttrpc import Client, FdTransport
+from shimv2.ttrpc import Client, FdTransport, open_client
 from shimv2.ttrpc._codec import Connection, Role
 from shimv2.ttrpc.aio import Server, SocketTransport
 from shimv2.ttrpc.testing import INTEROP_SERVICE, InteropHandlers
@@ -50,16 +50,8 @@ class PtyPort:
         os.close(self.master)
 
 
-@asynccontextmanager
-async def host_client(fd: int) -> AsyncIterator[Client]:
-    client = Client(FdTransport(fd))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(client.receive_loop)
-        try:
-            yield client
-        finally:
-            nursery.cancel_scope.cancel()
-            await client.aclose()
+def host_client(fd: int) -> AbstractAsyncContextManager[Client]:
+    return open_client(FdTransport(fd))
 
 
 async def echo(client: Client, data: bytes) -> bytes:

@@ -20,26 +20,20 @@ from google.protobuf.wrappers_pb2 import BytesValue, Int64Value, StringValue
 
 from shimv2 import aio as aio_tools
 from shimv2 import errdefs
-from shimv2.errdefs import error_for
-from shimv2.ttrpc import CallContext, Client, Method, Service, SocketTransport, aio
+from shimv2.ttrpc import CallContext, Client, Method, Service, SocketTransport, aio, open_client
 from shimv2.ttrpc._status import status_from_exception
+from shimv2.ttrpc.testing import INTEROP_SERVICE, InteropHandlers
 from tests.aio import asyncio_in_thread, asyncio_test
 
-SVC = "kata_py.test.v1.Aio"
+SVC = INTEROP_SERVICE
 
 
-class Handlers:
+class Handlers(InteropHandlers):
+    """The interop service with an asyncio Sleep, and a handler's own timeout."""
+
     def __init__(self) -> None:
+        super().__init__()
         self.cancelled = threading.Event()  # set in the server's thread
-        self.calls: list[tuple[str, float | None]] = []
-
-    async def echo(self, ctx: CallContext, req: BytesValue) -> BytesValue:
-        self.calls.append((ctx.get("x-who") or "", ctx.deadline))
-        return BytesValue(value=req.value)
-
-    async def fail(self, ctx: CallContext, req: StringValue) -> Empty:
-        code, _, message = req.value.partition(":")
-        raise error_for(int(code), message)
 
     async def sleep(self, ctx: CallContext, req: Int64Value) -> Empty:
         try:
@@ -52,16 +46,16 @@ class Handlers:
     async def own_timeout(self, ctx: CallContext, req: Empty) -> Empty:
         raise TimeoutError("the handler's own")
 
+    async def deadline(self, ctx: CallContext, req: Empty) -> StringValue:
+        return StringValue(value=repr(ctx.deadline))
+
     def service(self) -> Service:
-        return Service(
-            SVC,
-            {
-                "Echo": Method(BytesValue, self.echo),
-                "Fail": Method(StringValue, self.fail),
-                "Sleep": Method(Int64Value, self.sleep),
-                "OwnTimeout": Method(Empty, self.own_timeout),
-            },
-        )
+        methods = {
+            **super().service().methods,
+            "OwnTimeout": Method(Empty, self.own_timeout),
+            "Deadline": Method(Empty, self.deadline),
+        }
+        return Service(SVC, methods)
 
 
 @asynccontextmanager
@@ -69,14 +63,8 @@ async def serving(handlers: Handlers) -> AsyncIterator[Client]:
     server = aio.Server([handlers.service()])
     ours, theirs = socket.socketpair()
     with asyncio_in_thread(lambda: server.serve_transport(aio.SocketTransport(theirs))):
-        async with trio.open_nursery() as nursery:
-            client = Client(SocketTransport(ours))
-            nursery.start_soon(client.receive_loop)
-            try:
-                yield client
-            finally:
-                nursery.cancel_scope.cancel()
-                await client.aclose()
+        async with open_client(SocketTransport(ours)) as client:
+            yield client
 
 
 async def test_calls_errors_and_unknown_methods() -> None:
@@ -104,7 +92,8 @@ async def test_the_deadline_cancels_the_handler_and_the_connection_serves_on() -
         assert await trio.to_thread.run_sync(handlers.cancelled.wait, 5)
         out = await client.call(SVC, "Echo", BytesValue(value=b"still"), BytesValue)
         assert out.value == b"still"
-        assert handlers.calls[-1][1] is None  # no timeout given: no deadline
+        # No timeout given: no deadline.
+        assert (await client.call(SVC, "Deadline", Empty(), StringValue)).value == "None"
 
 
 async def test_a_blocked_call_does_not_delay_others() -> None:
