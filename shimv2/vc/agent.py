@@ -64,13 +64,17 @@ class AgentClient:
     def release(self) -> None:
         self._open.set()
 
+    async def wait_open(self) -> None:
+        """Return once no ``hold`` is on (at once if none is)."""
+        while not self._open.is_set():
+            await self._open.wait()
+
     async def call(self, rpc: str, request: Message, response_type: type[T]) -> T:
         """Call ``grpc.AgentService/<rpc>``; errors come back as errdefs classes."""
         timeout = None if rpc in UNBOUNDED else self._timeout
         # No checkpoint between a held gate's test and the frame being queued
         # (Event.wait checkpoints even when set), so none slips past ``hold``.
-        while not self._open.is_set():
-            await self._open.wait()
+        await self.wait_open()
         try:
             return await self._client.call(
                 AGENT_SERVICE, rpc, request, response_type, timeout=timeout

@@ -31,7 +31,7 @@ import trio
 
 from shimv2.errdefs import Error, Internal
 from shimv2.guest_protocol import FORWARD_OK, FORWARD_REPLY_MAX
-from shimv2.relay import read_line, splice
+from shimv2.relay import Gate, read_line, splice
 from shimv2.vc.mountns import NSENTER
 from shimv2.vc.network import run_in_netns
 
@@ -108,8 +108,13 @@ class PortForward:
             err = done.stderr.decode(errors="replace").strip()[-300:]
             raise Internal(f"port-forward: iptables {action} in {self.netns}: {err}")
 
-    async def serve(self, dial_guest: DialGuest) -> None:
-        """Accept and relay until cancelled; each connection on its own task."""
+    async def serve(self, dial_guest: DialGuest, *, hold: Gate | None = None) -> None:
+        """Accept and relay until cancelled; each connection on its own task.
+
+        ``hold``, if given, is awaited before any dial or byte goes to the guest: while
+        the pod is paused, the agent's hold (vhost-device-vsock 0.3.0 ends its worker
+        on a host byte that reaches a stopped VM).
+        """
         limit = trio.CapacityLimiter(MAX_CONNECTIONS)
         async with trio.open_nursery() as nursery:
             while True:
@@ -124,10 +129,14 @@ class PortForward:
                 if limit.available_tokens == 0:
                     conn.close()  # more than MAX_CONNECTIONS at once: refused, not queued
                     continue
-                nursery.start_soon(self._relay, conn, dial_guest, limit)
+                nursery.start_soon(self._relay, conn, dial_guest, limit, hold)
 
     async def _relay(
-        self, conn: trio.socket.SocketType, dial_guest: DialGuest, limit: trio.CapacityLimiter
+        self,
+        conn: trio.socket.SocketType,
+        dial_guest: DialGuest,
+        limit: trio.CapacityLimiter,
+        hold: Gate | None,
     ) -> None:
         async with limit:
             client = trio.SocketStream(conn)
@@ -138,11 +147,13 @@ class PortForward:
                 await client.aclose()
                 return
             log.debug("port-forward: a connection to port %d", port)
+            if hold is not None:
+                await hold()
             guest = await self._open_guest(port, dial_guest)
             if guest is None:
                 await client.aclose()
                 return
-            await splice(client, guest, eof_to_a=True, eof_to_b=False)  # b is vsock
+            await splice(client, guest, eof_to_a=True, eof_to_b=False, wait_b=hold)  # b: vsock
 
     async def _open_guest(self, port: int, dial_guest: DialGuest) -> trio.abc.Stream | None:
         guest: trio.abc.Stream | None = None

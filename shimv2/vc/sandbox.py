@@ -211,9 +211,14 @@ class Sandbox:
 
         async def serve() -> None:
             with self._port_forward_scope:
-                await relay.serve(lambda: open_stream(endpoint))
+                await relay.serve(lambda: open_stream(endpoint), hold=self._agent_open)
 
         self.spawn(serve)
+
+    async def _agent_open(self) -> None:
+        """Return once the agent is not held: port-forward's bytes wait out a pause too."""
+        if self._agent is not None:
+            await self._agent.wait_open()
 
     async def _connect_new_vm(self, vm: Qemu, dial_timeout: float) -> None:
         """Connect to the agent; over a late-device VM's serial port if its vsock fails.

@@ -51,11 +51,14 @@ def netns() -> Iterator[str]:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-async def upper_server(nursery: trio.Nursery) -> int:
+async def upper_server(nursery: trio.Nursery, dials: list[int] | None = None) -> int:
     """A TCP server on the test's 127.0.0.1 (the "guest's" loopback) that answers in capitals,
-    chunk by chunk: the client's half-close does not cross the vsock leg (``shimv2.relay``)."""
+    chunk by chunk: the client's half-close does not cross the vsock leg (``shimv2.relay``).
+    Each connection adds to ``dials``."""
 
     async def serve(stream: trio.SocketStream) -> None:
+        if dials is not None:
+            dials.append(1)
         async with stream:
             while data := await stream.receive_some(65536):
                 await stream.send_all(data.upper())
@@ -104,6 +107,37 @@ async def test_a_dial_on_the_pods_loopback_reaches_the_guests(
     assert RULE_COMMENT not in rules(netns)
     assert relay.listener.fileno() == -1
     assert (await client_in(netns, port, "x")).startswith("failed")
+
+
+async def test_a_held_relay_dials_the_guest_only_once_released(
+    netns: str,
+    guest: Path,  # noqa: F811 - the fixture imported above
+    nursery: trio.Nursery,
+) -> None:
+    """While the pod is paused (the agent held), no connection or byte goes to the guest."""
+    dials: list[int] = []
+    port = await upper_server(nursery, dials)
+    relay = await PortForward.start(netns)
+    gate = trio.Event()
+    nursery.start_soon(
+        functools.partial(
+            relay.serve, functools.partial(trio.open_unix_socket, str(guest)), hold=gate.wait
+        )
+    )
+    answers: list[str] = []
+
+    async def dial() -> None:
+        answers.append(await client_in(netns, port, "paused"))
+
+    try:
+        async with trio.open_nursery() as inner:
+            inner.start_soon(dial)
+            await trio.sleep(1)
+            assert (dials, answers) == ([], [])  # the client waits; the guest saw nothing
+            gate.set()
+        assert (dials, answers) == ([1], ["PAUSED"])
+    finally:
+        await relay.stop()
 
 
 async def test_a_port_the_guest_does_not_listen_on_gets_nothing(
