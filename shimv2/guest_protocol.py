@@ -1,4 +1,4 @@
-"""What host and guest agree on besides the agent API: port names, the console's exit marker.
+"""What host and guest agree on besides the agent API: port names, the console's markers.
 
 Imported by both sides (the host's QEMU command line and ``kata-py exec``, the
 guest's agent), so it stays free of either's imports.
@@ -7,6 +7,9 @@ guest's agent), so it stays free of either's imports.
 from __future__ import annotations
 
 AGENT_PORT_NAME = "agent.channel.0"  # the agent's virtio-serial port
+# The agent's line on the guest console once it serves: the host dials at once on
+# seeing it (a hint only: the guest may print anything).
+AGENT_READY_LINE = "KATA_PY_AGENT_READY"
 DEBUG_CONSOLE_PORT = "debug.console.0"  # the debug console's (``kata-py exec``)
 # "\e]kata-py;shell-exited=<status>\a", an OSC sequence a terminal ignores: the
 # guest's shell ended with that status, and ``kata-py exec`` ends with it.

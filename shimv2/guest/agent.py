@@ -28,7 +28,7 @@ from shimv2.guest import channel as ch
 from shimv2.guest.health import HealthService
 from shimv2.guest.network import CommandRunner, IpCommand, NetworkService
 from shimv2.guest.system import MODULES_LIST, GuestOS, SandboxService, guest_setup
-from shimv2.guest_protocol import AGENT_PORT_NAME
+from shimv2.guest_protocol import AGENT_PORT_NAME, AGENT_READY_LINE
 from shimv2.pb.kata import agent_pb2, health_pb2
 from shimv2.ttrpc import Method, Service
 from shimv2.ttrpc.aio import Server
@@ -38,7 +38,7 @@ log = logging.getLogger("shimv2.guest")
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"]
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"]
 LOG_PREFIX = "kata-py-agent"
-READY_LINE = "KATA_PY_AGENT_READY"
+READY_LINE = AGENT_READY_LINE
 # serial+vsock: a VM template's. Its builder talks over the serial port; its
 # clones over vsock, once the host plugs their vsock device (hotplug after the
 # restore: a vsock device in the template would give every clone its CID).
@@ -333,8 +333,9 @@ async def run(options: Options, out: TextIO) -> None:
             report = await asyncio.to_thread(guest_setup, GuestOS())
         log.info(
             "guest setup done at uptime %s: %d modules, lo up=%s, ports=%s, shared=%s, "
-            "subreaper=%s",
+            "subreaper=%s; seconds: %s",
             uptime(), report.modules, report.lo_up, report.ports, report.shared, report.subreaper,
+            report.timings(),
         )  # fmt: skip
     reaper = make_reaper()
     ip = IpCommand(runner=reaper_runner(reaper)) if reaper is not None else None

@@ -241,6 +241,11 @@ class SetupReport:
         self.shared = False
         self.subreaper = False
         self.errors: list[str] = []
+        # Seconds each step took: where a boot's setup time goes (logged by the agent).
+        self.seconds: dict[str, float] = {}
+
+    def timings(self) -> str:
+        return ", ".join(f"{what} {secs:.3f}" for what, secs in self.seconds.items())
 
 
 def guest_setup(guest: GuestOS, *, modules_list: str = MODULES_LIST) -> SetupReport:
@@ -248,12 +253,15 @@ def guest_setup(guest: GuestOS, *, modules_list: str = MODULES_LIST) -> SetupRep
     report = SetupReport()
 
     def step(what: str, fn: Callable[[], None]) -> bool:
+        started = time.monotonic()
         try:
             fn()
         except Exception as exc:
             log.warning("setup: %s failed: %s", what, exc)
             report.errors.append(f"{what}: {exc}")
             return False
+        finally:
+            report.seconds[what] = time.monotonic() - started
         return True
 
     def modules() -> None:

@@ -170,6 +170,7 @@ async def connect_agent(
     deadline = trio.current_time() + ready_timeout
     last_error: Exception | None = None
     pause = DIAL_PAUSE
+    hint = endpoint.hint
     if endpoint.ready is not None:
         with trio.move_on_at(deadline) as waiting:
             await endpoint.ready()
@@ -187,7 +188,12 @@ async def connect_agent(
                 raise Unavailable(f"agent not reachable at {endpoint}: {exc}") from exc
             # Backing off: each early dial costs the vsock backend a refused
             # connection, and a backend that took many was seen to stop answering.
-            await trio.sleep(pause)
+            # The console's hint may end one pause early.
+            with trio.move_on_after(pause):
+                if hint is None:
+                    await trio.sleep_forever()
+                await hint()
+                hint = None
             pause = min(pause * 2, MAX_DIAL_PAUSE)
             continue
         async with open_client(stream) as client:

@@ -87,8 +87,30 @@ async def connect_console(path: Path, *, exited: trio.Event) -> trio.SocketStrea
     return None
 
 
-async def relay_console(stream: trio.SocketStream, out: RotatingLog) -> None:
-    """Copy the console into ``out`` until QEMU closes it (or we are cancelled).
+class ReadyMarker:
+    """Sets ``seen`` once ``text`` went by in the bytes fed to it, even split across chunks."""
+
+    def __init__(self, text: bytes) -> None:
+        self.text = text
+        self.seen = trio.Event()
+        self._tail = b""
+
+    def feed(self, data: bytes) -> None:
+        if self.seen.is_set():
+            return
+        window = self._tail + data
+        if self.text in window:
+            self.seen.set()
+            self._tail = b""
+        else:
+            self._tail = window[-(len(self.text) - 1) :]
+
+
+async def relay_console(
+    stream: trio.SocketStream, out: RotatingLog, marker: ReadyMarker | None = None
+) -> None:
+    """Copy the console into ``out`` until QEMU closes it (or we are cancelled), showing
+    it to ``marker`` on the way.
 
     Reading never stops on a host-side write error (e.g. a full /run): the
     output is dropped instead, so the guest never stalls on our account and
@@ -98,6 +120,8 @@ async def relay_console(stream: trio.SocketStream, out: RotatingLog) -> None:
     try:
         async with stream:
             while data := await stream.receive_some(CHUNK):
+                if marker is not None:
+                    marker.feed(data)
                 try:
                     out.write(data)
                     failing = False

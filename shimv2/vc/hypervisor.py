@@ -26,6 +26,9 @@ class AgentEndpoint:
     # Awaited before the first dial, when the transport must not be dialled
     # earlier (hybrid vsock: until the guest has started the device).
     ready: Callable[[], Awaitable[None]] | None = field(default=None, compare=False, repr=False)
+    # Returns once the guest's console said the agent serves: a backing-off dialler
+    # then dials at once (only once: the guest may print it early, or falsely).
+    hint: Callable[[], Awaitable[object]] | None = field(default=None, compare=False, repr=False)
 
 
 class Hypervisor(Protocol):

@@ -24,9 +24,9 @@ from shimv2.errdefs import (
     ResourceExhausted,
     Unavailable,
 )
-from shimv2.guest_protocol import AGENT_PORT_NAME, DEBUG_CONSOLE_PORT
+from shimv2.guest_protocol import AGENT_PORT_NAME, AGENT_READY_LINE, DEBUG_CONSOLE_PORT
 from shimv2.vc.accel import choose_accelerator
-from shimv2.vc.console import RotatingLog, connect_console, relay_console
+from shimv2.vc.console import ReadyMarker, RotatingLog, connect_console, relay_console
 from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.procs import Adopted, Child, ProcessIdentity
 from shimv2.vc.qemu_config import (
@@ -88,6 +88,7 @@ class Qemu:
         self._stopping = False
         self._console_scope: trio.CancelScope | None = None
         self._console_done = trio.Event()
+        self._agent_ready = ReadyMarker(AGENT_READY_LINE.encode())  # seen on the console
         self.restored = False  # booted from a template's state, not cold
         self.rng_renewed = False  # a clone's, since it was restored (``template.renew_rng``)
         self._released = False  # another process's now (``disown``)
@@ -164,11 +165,12 @@ class Qemu:
         return self._qmp
 
     def agent_endpoint(self) -> AgentEndpoint:
+        hint = self._agent_ready.seen.wait
         if self._vsock_cid is not None:
-            return AgentEndpoint(vsock_cid=self._vsock_cid)
+            return AgentEndpoint(vsock_cid=self._vsock_cid, hint=hint)
         if self.channel == "hybrid-vsock":
             ready = None if self._vsock_started else self._vsock_device_started
-            return AgentEndpoint(hybrid_path=str(self.hybrid_vsock_path), ready=ready)
+            return AgentEndpoint(hybrid_path=str(self.hybrid_vsock_path), ready=ready, hint=hint)
         return AgentEndpoint(unix_path=str(self.agent_path))
 
     def serial_agent_endpoint(self) -> AgentEndpoint | None:
@@ -191,8 +193,7 @@ class Qemu:
         how slowly QEMU answered (one clone in 20 started at once still wedged
         with a fixed 0.1 s). A QEMU without ``x-query-virtio`` is not waited for.
         """
-        qmp = self.qmp
-        path = None
+        qmp, path = self.qmp, None
         try:
             while True:
                 if path is None:
@@ -225,9 +226,8 @@ class Qemu:
     def _channel(self) -> str:
         """The agent channel; before ``start`` (a command line printed in a test),
         ``auto`` stands for serial."""
-        if self.channel is not None:
-            return self.channel
-        return "serial" if self.config.agent_channel == "auto" else self.config.agent_channel
+        configured = self.config.agent_channel
+        return self.channel or ("serial" if configured == "auto" else configured)
 
     def _late_vsock(self) -> bool:
         """A vsock device plugged after the restore: a clone's (``shimv2.vc.template``)."""
@@ -517,7 +517,7 @@ class Qemu:
                 if stream is None:
                     log.warning("vm %s: no console socket; console not kept", self.vm_id)
                     return
-                await relay_console(stream, RotatingLog(self.console_path))
+                await relay_console(stream, RotatingLog(self.console_path), self._agent_ready)
         finally:
             self._console_done.set()
 

@@ -348,6 +348,10 @@ def test_guest_setup_runs_every_step() -> None:
     assert guest.subreaper
     assert report.subreaper
     assert report.lo_up
+    steps = ["modules", "lo up", "virtio ports", "shared fs", "child subreaper"]
+    assert list(report.seconds) == steps
+    assert all(0 <= secs < 5 for secs in report.seconds.values())
+    assert report.timings().startswith("modules 0.")
 
 
 def test_guest_setup_failures_are_logged_not_fatal() -> None:

@@ -15,7 +15,10 @@ from hypothesis import strategies as st
 
 from shimv2.errdefs import Error, Internal, Unknown, error_for
 from shimv2.pb.kata import agent_pb2
-from shimv2.vc.agent import MAX_ERROR_TEXT
+from shimv2.pb.kata.health_pb2 import CheckRequest, HealthCheckResponse
+from shimv2.ttrpc import Method, Server, Service, open_unix_listener
+from shimv2.vc.agent import HEALTH_SERVICE, MAX_ERROR_TEXT, connect_agent
+from shimv2.vc.hypervisor import AgentEndpoint
 from shimv2.vc.testing import AGENT_SERVICE, FakePod
 from tests.strategies import hostile_replies, reply_with
 
@@ -97,3 +100,36 @@ def test_fuzz_every_rpc_gives_its_reply_type_or_a_bounded_coded_error(
         assert len(result.message) <= MAX_ERROR_TEXT + 100
     else:
         assert type(result) is response
+
+
+async def test_a_ready_hint_cuts_the_dial_backoff_short(tmp_path: Path) -> None:
+    """The guest's console said its agent serves: the next dial goes at once, not after
+    the backoff's pause (up to MAX_DIAL_PAUSE)."""
+    path = str(tmp_path / "agent.sock")
+    hint = trio.Event()
+    server = Server([Service(HEALTH_SERVICE, {"Check": Method(CheckRequest, _serving)})])
+    endpoint = AgentEndpoint(unix_path=path, hint=hint.wait)
+    async with trio.open_nursery() as nursery:
+
+        async def guest() -> float:
+            await trio.sleep(1.6)  # the host's pauses have grown to 0.8 s by now
+            listener = await open_unix_listener(path)
+            nursery.start_soon(server.serve, listener)
+            hint.set()
+            return trio.current_time()
+
+        listening: list[float] = []
+        nursery.start_soon(lambda: _record(guest, listening))
+        async with connect_agent(endpoint, ready_timeout=20) as agent:
+            connected = trio.current_time()
+            assert await agent.check(5)
+        assert connected - listening[0] < 0.5
+        nursery.cancel_scope.cancel()
+
+
+async def _serving(ctx: object, req: CheckRequest) -> HealthCheckResponse:
+    return HealthCheckResponse(status=HealthCheckResponse.SERVING)
+
+
+async def _record(fn: Any, into: list[float]) -> None:
+    into.append(await fn())

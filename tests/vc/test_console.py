@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from shimv2.vc.console import RotatingLog, connect_console, relay_console
+from shimv2.vc.console import ReadyMarker, RotatingLog, connect_console, relay_console
 
 
 def _sizes(directory: Path) -> dict[str, int]:
@@ -119,3 +119,31 @@ async def test_connect_waits_for_the_socket_and_gives_up_when_qemu_exits(
     with trio.fail_after(1):
         assert await connect_console(tmp_path / "never.sock", exited=exited) is None
     os.unlink(path)
+
+
+def test_the_ready_marker_is_seen_across_chunks_and_only_once_whole() -> None:
+    marker = ReadyMarker(b"KATA_PY_AGENT_READY")
+    for chunk in (b"boot... KATA_PY_AG", b"ENT_REA"):
+        marker.feed(chunk)
+        assert not marker.seen.is_set()
+    marker.feed(b"DY uptime=3.1\n")
+    assert marker.seen.is_set()
+    marker.feed(b"more output")  # stays set; nothing kept past it
+    assert marker.seen.is_set()
+
+
+async def test_the_relay_tells_the_marker_what_the_guest_printed(tmp_path: Path) -> None:
+    a, b = trio.socket.socketpair()
+    marker = ReadyMarker(b"READY")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            relay_console, trio.SocketStream(b), RotatingLog(tmp_path / "console.log"), marker
+        )
+        await a.send(b"not yet\n")
+        await trio.sleep(0.05)
+        assert not marker.seen.is_set()
+        await a.send(b"READY\n")
+        with trio.fail_after(5):
+            await marker.seen.wait()
+        a.close()
+    assert (tmp_path / "console.log").read_bytes() == b"not yet\nREADY\n"
