@@ -120,14 +120,6 @@ class Broadcast:
         self._event = asyncio.Event()
 
 
-async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
-    """Cancel ``task`` and wait for it to end (trio: cancelling a scope, then leaving it)."""
-    if task is None or task.done():
-        return
-    task.cancel()
-    await asyncio.wait({task})  # never raises the task's error; our own cancel does
-
-
 class FdWait:
     """One task's waits on a handle that another task may close (trio's ``notify_closing``).
 

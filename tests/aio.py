@@ -23,6 +23,14 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 
+async def cancel_and_wait(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` and wait for it to end (trio: cancelling a scope, then leaving it)."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    await asyncio.wait({task})  # never raises the task's error; our own cancel does
+
+
 def asyncio_test(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, T]:
     @functools.wraps(fn)
     def run(*args: P.args, **kwargs: P.kwargs) -> T:

@@ -15,7 +15,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from shimv2.aio import BrokenResourceError, ClosedResourceError, FdWait, checkpoint
+from shimv2.aio import BrokenResourceError, ClosedResourceError, FdWait, checkpoint, move_on_after
 from shimv2.ttrpc import _nonblocking
 from shimv2.ttrpc._codec import RequestReceived
 from shimv2.ttrpc._nonblocking import Handle, Transport
@@ -100,14 +100,9 @@ class _ServerConnection(ServerConnection):
     ) -> Message | None:
         if deadline is None:
             return await call
-        scope = asyncio.timeout_at(deadline)
-        try:
-            async with scope:
-                return await call
-        except TimeoutError:
-            if not scope.expired():
-                raise  # the handler's own, not the deadline
-            return None
+        async with move_on_after(deadline - self.now()):  # the handler's own timeout propagates
+            return await call
+        return None
 
 
 class Server(Services):

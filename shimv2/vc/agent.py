@@ -190,10 +190,8 @@ async def connect_agent(
             # connection, and a backend that took many was seen to stop answering.
             # The console's hint may end one pause early.
             with trio.move_on_after(pause):
-                if hint is None:
-                    await trio.sleep_forever()
-                await hint()
-                hint = None
+                await (hint or trio.sleep_forever)()
+                hint = None  # once: a line printed early or falsely costs one dial
             pause = min(pause * 2, MAX_DIAL_PAUSE)
             continue
         async with open_client(stream) as client:

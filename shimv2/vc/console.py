@@ -103,7 +103,7 @@ class ReadyMarker:
             self.seen.set()
             self._tail = b""
         else:
-            self._tail = window[-(len(self.text) - 1) :]
+            self._tail = window[max(0, len(window) - len(self.text) + 1) :]
 
 
 async def relay_console(

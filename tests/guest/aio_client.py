@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
-from shimv2.aio import BrokenResourceError, ClosedResourceError, cancel_and_wait
+from shimv2.aio import BrokenResourceError, ClosedResourceError
 from shimv2.errdefs import Unavailable, error_for
 from shimv2.pb.ttrpc.request_pb2 import Response
 from shimv2.ttrpc import error_from_status
@@ -28,6 +28,7 @@ from shimv2.ttrpc._codec import (
     StreamError,
 )
 from shimv2.ttrpc._nonblocking import Transport
+from tests.aio import cancel_and_wait
 
 T = TypeVar("T", bound=Message)
 

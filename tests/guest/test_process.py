@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from shimv2.aio import cancel_and_wait, start_task
+from shimv2.aio import start_task
 from shimv2.errdefs import DeadlineExceeded, Unavailable
 from shimv2.guest.process import Reaper
-from tests.aio import asyncio_test
+from tests.aio import asyncio_test, cancel_and_wait
 
 
 @asynccontextmanager
